@@ -1,0 +1,1 @@
+"""fedsilo department client: site config, data, DP-SGD training, privacy ledger, ClientApp."""

@@ -1,0 +1,83 @@
+"""The department ClientApp: thin wiring of `client.runner.Department` into Flower.
+
+This is the only client module that uses Flower's legacy API (`NumPyClient`, `client_fn`, `flwr.client.mod`),
+which SecAgg+ requires in Flower 1.41.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from client.runner import Department
+from client.site import resolve_site
+from common import keys
+from common.config import JobConfig, RunConfig, SimulationConfig
+from common.data import cache_dir
+from common.errors import SecureAggregationError
+
+log = logging.getLogger(__name__)
+
+Scalars = dict[str, bool | int | float | str | bytes]
+
+
+def run_out_dir(job: JobConfig, run_id: int) -> Path:
+    """Where a simulation keeps its sites' ledgers when the job names no out-dir."""
+    return Path(job.out_dir) if job.out_dir else cache_dir() / "runs" / f"run-{run_id}"
+
+
+class DepartmentClient(NumPyClient):
+    def __init__(self, department: Department) -> None:
+        self.department = department
+
+    def fit(self, parameters: list[np.ndarray], config: Scalars) -> tuple[list[np.ndarray], int, Scalars]:
+        fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
+        outcome = self.department.fit(parameters, int(config[keys.CFG_ROUND]), int(config[keys.CFG_NUM_ROUNDS]),
+                                      str(fingerprint) if fingerprint else None)
+        return outcome.update, outcome.num_examples, dict(outcome.metrics)
+
+    def evaluate(self, parameters: list[np.ndarray], config: Scalars) -> tuple[float, int, Scalars]:
+        fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
+        loss, n, metrics = self.department.evaluate(parameters, str(fingerprint) if fingerprint else None)
+        return loss, n, dict(metrics)
+
+
+def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
+    rc: RunConfig = {**context.run_config, **overrides}
+    job = JobConfig.from_run_config(rc)
+    sim = SimulationConfig.from_run_config(rc)
+    site = resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
+    return Department(site, job, str(context.run_id))
+
+
+def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None) -> ClientApp:
+    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation)."""
+    fixed = dict(overrides or {})
+
+    def client_fn(context: Context) -> Client:
+        return DepartmentClient(_department(context, fixed)).to_client()
+
+    def secagg_guard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        """Run SecAgg+ when the server drives it; otherwise refuse to train if the site requires it."""
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        if RECORD_KEY_CONFIGS in msg.content.config_records:
+            return secaggplus_mod(msg, ctxt, call_next)
+        if _department(ctxt, fixed).site.require_secagg:
+            raise SecureAggregationError("This site requires SecAgg+, but the server sent an unmasked training "
+                                         "request; refusing to send an update in the clear.")
+        return call_next(msg, ctxt)
+
+    return ClientApp(client_fn=client_fn, mods=[secagg_guard_mod])
+
+
+app = build_client_app()

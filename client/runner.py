@@ -1,0 +1,145 @@
+"""What a department does when asked to train or evaluate: pure of Flower (the ClientApp wraps it).
+
+Order of operations for a training round, all on site:
+1. resolve the site's own config and check the job against it (labels, DP, model fingerprint);
+2. plan the round's DP charge from the site's ledger and budget, decline if it does not fit;
+3. charge the ledger (atomically) *before* training, so a crash can only over-count;
+4. train with DP-SGD, check Opacus recorded exactly the charged steps;
+5. return the update (trainable weights minus global weights) and aggregate metrics only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.ledger import Ledger, LedgerFile
+from client.site import SiteConfig
+from client.train import train_round
+from common import keys
+from common.config import JobConfig
+from common.data import Split
+from common.errors import BudgetExhaustedError, ModelError, PrivacyError, SecureAggregationError
+from common.model import BuiltModel, base_fingerprint, build_model, device
+from common.params import get_trainable, max_abs, set_trainable, subtract
+from common.privacy import noise_for_budget, sample_rate, steps_per_round
+from common.text import Encoded, encode, evaluate
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, bool | int | float | str]
+
+
+@dataclass
+class FitOutcome:
+    update: list[np.ndarray]
+    num_examples: int  # FedAvg weight; 0 when the site declined
+    metrics: Metrics
+
+
+class Department:
+    """One site's view of one job."""
+
+    def __init__(self, site: SiteConfig, job: JobConfig, run_id: str) -> None:
+        self.site = site
+        self.job = job
+        self.run_id = run_id
+        if not job.label_names:
+            raise ModelError("The job does not name its labels (config key 'labels').")
+        self.ledger_file = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant)
+        self._split: Split | None = None
+
+    @property
+    def split(self) -> Split:
+        if self._split is None:
+            self._split = self.site.load_split(self.job.label_names)
+        return self._split
+
+    def _model(self, global_arrays: list[np.ndarray], fingerprint: str | None) -> BuiltModel:
+        built = build_model(self.job, len(self.job.label_names))
+        if fingerprint is not None and base_fingerprint(built.model) != fingerprint:
+            raise ModelError(
+                f"Site {self.site.name}: the frozen base model here differs from the server's "
+                "(fingerprint mismatch); refusing to combine updates from different models."
+            )
+        set_trainable(built.model, global_arrays)
+        return built
+
+    def _encode(self, built: BuiltModel, texts: list[str], labels: np.ndarray) -> Encoded:
+        return encode(built.tokenizer, texts, labels, self.job.max_length)
+
+    def _base_metrics(self, ledger: Ledger, status: str) -> Metrics:
+        return {keys.M_DEPARTMENT: self.site.name, keys.M_STATUS: status, keys.M_EPSILON: ledger.epsilon,
+                keys.M_DELTA: self.site.delta, keys.M_NUM_EXAMPLES: len(self.split.train_texts)}
+
+    def fit(self, global_arrays: list[np.ndarray], server_round: int, num_rounds: int,
+            fingerprint: str | None) -> FitOutcome:
+        if not self.job.dp and not self.site.allow_non_private:
+            raise PrivacyError(f"Site {self.site.name} does not allow training without DP (allow_non_private).")
+        n = len(self.split.train_texts)
+        if n < 1:
+            raise PrivacyError(f"Site {self.site.name} has no training examples.")
+        if self.job.secagg and n > self.job.secagg_max_weight:
+            raise SecureAggregationError(
+                f"Site {self.site.name} has {n} training examples, more than secagg-max-weight "
+                f"{self.job.secagg_max_weight:g}: its weight would overflow SecAgg+. Raise secagg-max-weight."
+            )
+        q = sample_rate(self.job.batch_size, n)
+        steps = steps_per_round(self.job.local_epochs, q)
+        with self.ledger_file.open() as ledger:
+            sigma: float | None = None
+            if self.job.dp:
+                remaining_rounds = max(1, num_rounds - server_round + 1)
+                try:
+                    sigma = noise_for_budget(history=ledger.history, epsilon_budget=ledger.epsilon_budget,
+                                             delta=ledger.delta, q=q, steps=steps * remaining_rounds,
+                                             accountant=ledger.accountant)
+                    self.ledger_file.charge(ledger, run_id=self.run_id, server_round=server_round,
+                                            charge=(sigma, q, steps))
+                except BudgetExhaustedError as exc:
+                    log.warning("fit: site %s declines round %s: %s", self.site.name, server_round, exc)
+                    metrics = self._base_metrics(ledger, keys.STATUS_DECLINED_BUDGET)
+                    metrics[keys.M_REASON] = str(exc)
+                    return FitOutcome([np.zeros_like(a) for a in global_arrays], 0, metrics)
+            metrics = self._base_metrics(ledger, keys.STATUS_TRAINED)
+        built = self._model(global_arrays, fingerprint)
+        data = self._encode(built, self.split.train_texts, self.split.train_labels)
+        # Reproducible only without DP; DP sampling and noise must be unpredictable (seeded from the OS).
+        seed = None if self.job.dp else zlib.crc32(f"{self.job.seed}/{server_round}/{self.site.name}".encode())
+        result = train_round(built.model, data, self.job, steps=steps, noise_multiplier=sigma, dev=device(),
+                             seed=seed)
+        if sigma is not None and result.accountant_history != [(sigma, q, steps)]:
+            raise PrivacyError(
+                f"Site {self.site.name}: Opacus recorded {result.accountant_history}, but the ledger was charged "
+                f"{[(sigma, q, steps)]}. Refusing to release the update."
+            )
+        update = subtract(get_trainable(built.model), global_arrays)
+        self._check_secagg_range(update, n)
+        metrics.update({keys.M_NOISE: sigma if sigma is not None else 0.0, keys.M_STEPS: result.steps,
+                        keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds})
+        return FitOutcome(update, n, metrics)
+
+    def _check_secagg_range(self, update: list[np.ndarray], n: int) -> None:
+        """SecAgg+ clips `update * n / max_weight` to +-clipping_range silently: detect it instead."""
+        peak = max_abs(update)
+        if not math.isfinite(peak):
+            raise PrivacyError(f"Site {self.site.name}: the update is not finite; refusing to send it.")
+        if self.job.secagg and peak * n / self.job.secagg_max_weight > self.job.secagg_clipping_range:
+            raise SecureAggregationError(
+                f"Site {self.site.name}: update peak {peak:.4g} x weight {n}/{self.job.secagg_max_weight:g} "
+                f"exceeds secagg-clipping-range {self.job.secagg_clipping_range:g}; SecAgg+ would clip it."
+            )
+
+    def evaluate(self, global_arrays: list[np.ndarray], fingerprint: str | None) -> tuple[float, int, Metrics]:
+        built = self._model(global_arrays, fingerprint)
+        data = self._encode(built, self.split.test_texts, self.split.test_labels)
+        result = evaluate(built.model, data, device())
+        ledger = self.ledger_file.read()
+        return result.loss, result.n, {keys.M_DEPARTMENT: self.site.name, keys.M_ACCURACY: result.accuracy,
+                                       keys.M_CORRECT: result.correct, keys.M_EPSILON: ledger.epsilon,
+                                       keys.M_DELTA: self.site.delta}

@@ -1,0 +1,1 @@
+"""Pieces shared by the coordination server and the department clients."""

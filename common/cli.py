@@ -1,0 +1,162 @@
+"""The `fedsilo` command line. Every fedsilo error becomes one clear message on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.errors import FedsiloError
+
+EXIT_ERROR = 2
+
+
+def _parse_value(text: str) -> bool | int | float | str:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _key_value(text: str) -> tuple[str, bool | int | float | str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), _parse_value(value.strip())
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="run a federated DP fine-tuning simulation on this machine",
+                       description="Simulate departments with Flower's simulation engine (Ray). Defaults: "
+                                   "all-MiniLM-L6-v2 + LoRA, the four Hutto departments, DP eps=8 per site, "
+                                   "delta=1e-5, SecAgg+ on.")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory, must not hold a run yet (default runs/<date>-<time>)")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--epsilon", type=float, help="every site's privacy budget epsilon")
+    p.add_argument("--delta", type=float, help="every site's delta")
+    p.add_argument("--site-epsilon", action="append", default=[], metavar="NAME=EPS",
+                   help="one site's budget (repeatable)")
+    p.add_argument("--no-dp", action="store_true", help="train without DP-SGD (baselines only)")
+    p.add_argument("--no-secagg", action="store_true", help="aggregate in the clear (the server sees updates)")
+    p.add_argument("--model", help="'minilm', 'tiny-random' or a local Hugging Face model directory")
+    p.add_argument("--finetune", choices=["lora", "full"], help="LoRA adapters (default) or all weights")
+    p.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments (default: Hutto corpora)")
+    p.add_argument("--text-column", help="text column of --data (default text)")
+    p.add_argument("--label-column", help="label column of --data (default label)")
+    p.add_argument("--department-column", help="department column of --data (default department)")
+    p.add_argument("--seed", type=int, help="base seed")
+    p.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="any run-config key of pyproject.toml's [tool.flwr.app.config] (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _simulate_config(args: argparse.Namespace) -> dict[str, bool | int | float | str]:
+    rc: dict[str, bool | int | float | str] = dict(args.config)
+    mapping = {"rounds": "num-server-rounds", "epsilon": "sim-epsilon", "delta": "sim-delta", "model": "model",
+               "finetune": "finetune", "data": "sim-data", "text_column": "sim-text-column",
+               "label_column": "sim-label-column", "department_column": "sim-department-column", "seed": "seed"}
+    for attr, key in mapping.items():
+        value = getattr(args, attr)
+        if value is not None:
+            rc[key] = value
+    if args.no_dp:
+        rc["dp"] = False
+    if args.no_secagg:
+        rc["secagg"] = False
+    if args.site_epsilon:
+        rc["sim-site-epsilons"] = ",".join(args.site_epsilon)
+    return rc
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.run import simulate
+
+    rc = _simulate_config(args)
+    if args.out is None:
+        args.out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    console = Console(stderr=True)
+    rounds = int(rc.get("num-server-rounds", 0)) or None
+    with Progress(TextColumn("[bold]federated rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=args.quiet) as progress:
+        task = progress.add_task("starting departments", total=rounds)
+
+        def on_round(rec: object) -> None:
+            last = rec.rounds[-1]  # type: ignore[attr-defined]
+            acc = "n/a" if last.global_accuracy is None else f"{last.global_accuracy:.3f}"
+            progress.update(task, completed=last.round, description=f"global accuracy {acc}",
+                            total=rec.config["num-server-rounds"])  # type: ignore[attr-defined]
+
+        report = simulate(rc, args.out, on_round=on_round)
+    final = report["final"]
+    print(f"Simulation finished: {len(report['rounds'])} rounds, global held-out accuracy "
+          f"{final['global_accuracy']:.4f}")
+    for name, eps in final["epsilon"].items():
+        print(f"  {name:>12}: epsilon spent {eps if eps is None else round(eps, 4)}")
+    print(f"Report, CSV and plots in {args.out}")
+    return 0
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from client.ledger import LedgerFile
+    from client.site import SiteConfig
+
+    site = SiteConfig.from_toml(args.site_config)
+    ledger = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant).read()
+    if args.json:
+        print(json.dumps(ledger.body() | {"epsilon_spent": ledger.epsilon, "remaining": ledger.remaining},
+                         indent=2))
+        return 0
+    print(f"site {ledger.site}: spent epsilon {ledger.epsilon:.4f} of {ledger.epsilon_budget:g} "
+          f"(delta {ledger.delta:g}, {ledger.accountant} accountant); remaining {ledger.remaining:.4f}")
+    for e in ledger.entries:
+        print(f"  run {e.run_id} round {e.round}: sigma={e.noise_multiplier:.4f} q={e.sample_rate:.4f} "
+              f"steps={e.steps} -> epsilon {e.epsilon_after:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsilo", description="Privacy-preserving federated fine-tuning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    b = sub.add_parser("budget", help="show a site's privacy ledger: spent, remaining, per round")
+    b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.set_defaults(func=_cmd_budget)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except FedsiloError as exc:
+        print(f"fedsilo: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("fedsilo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

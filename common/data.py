@@ -1,0 +1,225 @@
+"""Text-classification data: the embedded Hutto ICWSM-2014 corpora and users' own tabular files.
+
+Everything here turns files into a `pandas.DataFrame` with the columns `text`, `label` (str) and `department`,
+and splits each department deterministically into train and test. Tokenisation lives in `common.text`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+HUTTO_SDIST = "vaderSentiment==3.3.2"
+HUTTO_SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
+HUTTO_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+HUTTO_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+# department name -> file in hutto_ICWSM_2014/
+HUTTO_DEPARTMENTS = {
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "movies": "movieReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+}
+HUTTO_NEUTRAL_BAND = 0.5  # |mean rating| below this is neutral and dropped
+NEGATIVE, POSITIVE = "negative", "positive"
+
+TEXT, LABEL, DEPARTMENT = "text", "label", "department"
+MAX_TEXT_CHARS = 100_000  # longer cells are almost certainly not a text snippet (e.g. a whole file pasted)
+
+
+def cache_dir() -> Path:
+    """The user's cache directory for fedsilo (`$FEDSILO_CACHE`, else `$XDG_CACHE_HOME/fedsilo`)."""
+    if env := os.environ.get("FEDSILO_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedsilo"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_hutto(cache: Path | None = None) -> Path:
+    """Return the directory holding the four Hutto ground-truth files, fetching them once.
+
+    The vaderSentiment sdist is fetched with pip (the ordinary package client), its sha256 verified, and only the
+    four ground-truth TSVs are extracted into the cache (written to a temporary directory, then renamed).
+    """
+    root = (cache or cache_dir()) / "hutto_ICWSM_2014"
+    if all((root / name).is_file() for name in HUTTO_DEPARTMENTS.values()):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    sdist = root.parent / HUTTO_SDIST_FILE
+    if not sdist.is_file() or _sha256(sdist) != HUTTO_SDIST_SHA256:
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            log.info("fetch_hutto: downloading %s with pip", HUTTO_SDIST)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                   "-d", tmp, HUTTO_SDIST]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            got = Path(tmp) / HUTTO_SDIST_FILE
+            if proc.returncode != 0 or not got.is_file():
+                raise DataError(f"Could not download {HUTTO_SDIST} with pip: {proc.stderr.strip()[-500:]}")
+            os.replace(got, sdist)
+    digest = _sha256(sdist)
+    if digest != HUTTO_SDIST_SHA256:
+        sdist.unlink()
+        raise DataError(f"{HUTTO_SDIST_FILE} has sha256 {digest}, expected {HUTTO_SDIST_SHA256}; deleted it.")
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        with tarfile.open(sdist) as outer:
+            inner_member = outer.extractfile(HUTTO_INNER)
+            if inner_member is None:
+                raise DataError(f"{HUTTO_SDIST_FILE} does not contain {HUTTO_INNER}.")
+            inner_bytes = inner_member.read()
+        staged = Path(tmp) / "hutto_ICWSM_2014"
+        staged.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            for name in HUTTO_DEPARTMENTS.values():
+                member = inner.extractfile(f"hutto_ICWSM_2014/{name}")
+                if member is None:
+                    raise DataError(f"The Hutto archive does not contain {name}.")
+                (staged / name).write_bytes(member.read())
+        if root.exists():  # a partial earlier extraction: replace it whole
+            for child in root.iterdir():
+                child.unlink()
+            root.rmdir()
+        os.replace(staged, root)
+    log.info("fetch_hutto: cached the Hutto corpora in %s", root)
+    return root
+
+
+def load_hutto(cache: Path | None = None) -> pd.DataFrame:
+    """The four Hutto corpora as one frame; label = sign of the mean rating, |rating| < 0.5 dropped."""
+    root = fetch_hutto(cache)
+    frames = []
+    for department, name in HUTTO_DEPARTMENTS.items():
+        raw = pd.read_csv(root / name, sep="\t", header=None, names=["id", "rating", TEXT], quoting=3,
+                          dtype={"id": str, TEXT: str}, encoding="utf-8", keep_default_na=False)
+        raw = raw[raw["rating"].abs() >= HUTTO_NEUTRAL_BAND]
+        frames.append(pd.DataFrame({
+            TEXT: raw[TEXT].str.strip(),
+            LABEL: np.where(raw["rating"] > 0, POSITIVE, NEGATIVE),
+            DEPARTMENT: department,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+_READERS = {
+    ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, quoting=3),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+    ".parquet": pd.read_parquet,
+}
+
+
+def load_table(path: Path, text_column: str, label_column: str, department_column: str | None) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet file into the standard frame (department column optional)."""
+    if not path.exists():
+        raise DataError(f"Data file {path} does not exist.")
+    if not path.is_file():
+        raise DataError(f"Data path {path} is not a file.")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"Data file {path}: unsupported format {path.suffix!r}; use one of {sorted(_READERS)}.")
+    try:
+        raw = reader(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Data file {path} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from exc
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"Data file {path} could not be parsed: {exc}") from exc
+    if raw.empty:
+        raise DataError(f"Data file {path} has no rows.")
+    wanted = [text_column, label_column] + ([department_column] if department_column else [])
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        raise DataError(f"Data file {path} lacks column(s) {missing}; it has {list(raw.columns)}.")
+    frame = pd.DataFrame({
+        TEXT: raw[text_column].astype(str).str.strip(),
+        LABEL: raw[label_column].astype(str).str.strip(),
+        DEPARTMENT: raw[department_column].astype(str).str.strip() if department_column else path.stem,
+    })
+    empty_text = int((frame[TEXT] == "").sum())
+    if empty_text:
+        raise DataError(f"Data file {path}: {empty_text} row(s) have an empty '{text_column}'.")
+    if (frame[LABEL] == "").any():
+        raise DataError(f"Data file {path}: some rows have an empty '{label_column}'.")
+    too_long = int((frame[TEXT].str.len() > MAX_TEXT_CHARS).sum())
+    if too_long:
+        raise DataError(f"Data file {path}: {too_long} text(s) exceed {MAX_TEXT_CHARS} characters.")
+    return frame
+
+
+def load_source(source: str, text_column: str = TEXT, label_column: str = LABEL,
+                department_column: str | None = DEPARTMENT) -> pd.DataFrame:
+    """`hutto` (the embedded default) or the path of a user file."""
+    if source == "hutto":
+        return load_hutto()
+    return load_table(Path(source), text_column, label_column, department_column)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One department's deterministic train/test split (texts and label indices)."""
+
+    department: str
+    train_texts: list[str]
+    train_labels: np.ndarray
+    test_texts: list[str]
+    test_labels: np.ndarray
+
+
+def label_index(labels: tuple[str, ...], values: pd.Series, where: str) -> np.ndarray:
+    """Map label strings to indices of `labels`; unknown labels are an error naming them."""
+    lookup = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(values) - set(lookup))
+    if unknown:
+        raise DataError(f"{where}: label(s) {unknown[:5]} are not in the job's label set {list(labels)}.")
+    return values.map(lookup).to_numpy(dtype=np.int64)
+
+
+def split_department(frame: pd.DataFrame, department: str, labels: tuple[str, ...], test_fraction: float,
+                     seed: int) -> Split:
+    """Seeded split of one department's rows; the same inputs give the same split on every machine."""
+    rows = frame[frame[DEPARTMENT] == department]
+    if len(rows) < 2:
+        raise DataError(f"Department {department!r} has {len(rows)} example(s); at least 2 are needed.")
+    rng = np.random.default_rng([seed, zlib.crc32(department.encode())])
+    order = rng.permutation(len(rows))
+    n_test = max(1, round(len(rows) * test_fraction))
+    test, train = rows.iloc[order[:n_test]], rows.iloc[order[n_test:]]
+    where = f"Department {department!r}"
+    return Split(department, train[TEXT].tolist(), label_index(labels, train[LABEL], where),
+                 test[TEXT].tolist(), label_index(labels, test[LABEL], where))
+
+
+def departments_of(frame: pd.DataFrame) -> list[str]:
+    return sorted(frame[DEPARTMENT].unique().tolist())
+
+
+def labels_of(frame: pd.DataFrame) -> tuple[str, ...]:
+    return tuple(sorted(frame[LABEL].unique().tolist()))
+
+
+def frame_labels_and_departments(source: str, text_column: str, label_column: str,
+                                 department_column: str) -> tuple[tuple[str, ...], list[str]]:
+    """Label set and department names of a simulation data source."""
+    frame = load_source(source, text_column, label_column, department_column)
+    return labels_of(frame), departments_of(frame)

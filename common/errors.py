@@ -1,0 +1,37 @@
+"""Typed exceptions. Every failure a user can cause maps to one of these, with a message naming the problem."""
+
+
+class FedsiloError(Exception):
+    """Base class of all fedsilo errors; the CLI turns these into a message and a non-zero exit."""
+
+
+class ConfigError(FedsiloError):
+    """A configuration value is missing, unknown or out of range (the message names the key)."""
+
+
+class DataError(FedsiloError):
+    """A data file or data source is missing, unreadable or unusable."""
+
+
+class ModelError(FedsiloError):
+    """The model cannot be resolved or built, or client and server disagree about it."""
+
+
+class ParameterMismatchError(FedsiloError):
+    """Exchanged arrays do not match the model's trainable tensors (count, shape or dtype)."""
+
+
+class PrivacyError(FedsiloError):
+    """Base class for privacy failures; these always fail closed."""
+
+
+class LedgerError(PrivacyError):
+    """A privacy ledger is unreadable, corrupted, or belongs to another site or budget."""
+
+
+class BudgetExhaustedError(PrivacyError):
+    """Training the requested round would exceed the site's privacy budget."""
+
+
+class SecureAggregationError(PrivacyError):
+    """An update cannot be represented exactly by SecAgg+ (it would be clipped) or SecAgg+ is required but absent."""

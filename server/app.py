@@ -1,0 +1,96 @@
+"""The coordination ServerApp: thin wiring of config, model, strategy, workflow and report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import run_out_dir
+from client.site import simulated_sites
+from common.config import JobConfig, RunConfig, SimulationConfig, as_run_config
+from common.data import frame_labels_and_departments
+from common.model import base_fingerprint, build_model, device
+from common.params import get_trainable, set_trainable
+from common.text import encode, evaluate
+from server.checkpoint import save_checkpoint
+from server.report import RunRecorder
+from server.secagg import run_workflow
+from server.strategy import CentralEval, FedSiloStrategy, RoundHook
+
+log = logging.getLogger(__name__)
+
+
+def resolve_job(rc: RunConfig) -> tuple[JobConfig, SimulationConfig]:
+    """Parse both configs; a job without labels takes the simulation data's label set."""
+    job, sim = JobConfig.from_run_config(rc), SimulationConfig.from_run_config(rc)
+    if not job.label_names:
+        labels, _ = frame_labels_and_departments(sim.sim_data, sim.sim_text_column, sim.sim_label_column,
+                                                 sim.sim_department_column)
+        job = dataclasses.replace(job, labels=",".join(labels))
+        job.validate()
+    return job, sim
+
+
+def central_evaluator(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> CentralEval:
+    """Accuracy on the union of the simulated departments' test splits (the global held-out test)."""
+    labels = job.label_names
+    built = build_model(job, len(labels))
+    splits = [site.load_split(labels) for site in simulated_sites(job, sim, out_dir)]
+    texts = [t for s in splits for t in s.test_texts]
+    data = encode(built.tokenizer, texts, np.concatenate([s.test_labels for s in splits]), job.max_length)
+
+    def evaluate_global(arrays: list[np.ndarray]) -> float:
+        set_trainable(built.model, arrays)
+        result = evaluate(built.model, data, device())
+        log.info("central evaluation: accuracy %.4f on %d held-out examples", result.accuracy, result.n)
+        return result.accuracy
+
+    return evaluate_global
+
+
+def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = None, *, simulation: bool = False,
+                     on_round: RoundHook | None = None) -> ServerApp:
+    fixed = dict(overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rc = {**context.run_config, **fixed}
+        job, sim = resolve_job(rc)
+        out_dir = run_out_dir(job, context.run_id)
+        built = build_model(job, len(job.label_names))
+        initial = get_trainable(built.model)
+        recorder = RunRecorder(config=as_run_config(job, sim), out_dir=out_dir)
+        central = central_evaluator(job, sim, out_dir) if simulation and sim.sim_global_eval else None
+
+        def after_round(rec: RunRecorder) -> None:
+            save_checkpoint(out_dir, built.model, strategy.global_arrays, job, rec.rounds[-1].round)
+            if on_round is not None:
+                on_round(rec)
+
+        strategy = FedSiloStrategy(job, initial, base_fingerprint(built.model), recorder, central, after_round)
+        log.info("server: job with %d rounds, model %s (%s), %d trainable tensors, DP %s, SecAgg+ %s; out %s",
+                 job.num_server_rounds, job.model, job.finetune, len(initial), job.dp, job.secagg, out_dir)
+        run_workflow(grid, context, job, strategy)
+        last = recorder.rounds[-1] if recorder.rounds else None
+        eps = {name: d.epsilon for name, d in sorted(last.departments.items())} if last else {}
+        recorder.final.update({
+            "global_accuracy": recorder.final.get("central_global_accuracy",
+                                                  last.global_accuracy if last else None),
+            "federated_global_accuracy": last.global_accuracy if last else None,
+            "epsilon": eps, "delta": sim.sim_delta if simulation else None, "dp": job.dp,
+            "secure_aggregation": job.secagg, "rounds_completed": len(recorder.rounds),
+        })
+        recorder.write()
+        recorder.plot()
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,141 @@
+"""The run's record: per-round department status, accuracy and epsilon; report.json, rounds.csv and plots.
+
+Files are rewritten atomically after every round, so an interrupted run leaves a valid report of what finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+ROUNDS_CSV = "rounds.csv"
+ACCURACY_PNG = "accuracy.png"
+EPSILON_PNG = "epsilon.png"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass
+class DepartmentRound:
+    status: str
+    epsilon: float | None = None
+    accuracy: float | None = None
+    n_test: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    seconds: float = 0.0
+    global_accuracy: float | None = None
+    departments: dict[str, DepartmentRound] = field(default_factory=dict)
+    failures: int = 0
+    aggregate: str = "pending"  # "applied" | "kept_previous: <why>"
+    errors: list[str] = field(default_factory=list)  # failure messages of departments this round
+
+
+@dataclass
+class RunRecorder:
+    config: dict[str, Any]
+    out_dir: Path | None
+    departments: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {n_train, n_test}
+    rounds: list[RoundRecord] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+
+    def round(self, server_round: int) -> RoundRecord:
+        if not self.rounds or self.rounds[-1].round != server_round:
+            self.rounds.append(RoundRecord(round=server_round))
+        return self.rounds[-1]
+
+    def department(self, name: str) -> dict[str, int]:
+        return self.departments.setdefault(name, {"n_train": 0, "n_test": 0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "departments": self.departments,
+            "rounds": [
+                {"round": r.round, "seconds": round(r.seconds, 3), "global_accuracy": _finite(r.global_accuracy),
+                 "failures": r.failures, "aggregate": r.aggregate, "errors": r.errors,
+                 "departments": {n: {k: v for k, v in vars(d).items() if v is not None or k != "reason"}
+                                 for n, d in sorted(r.departments.items())}}
+                for r in self.rounds
+            ],
+            "final": self.final,
+        }
+
+    def write(self) -> None:
+        if self.out_dir is None:
+            return
+        write_atomic(self.out_dir / REPORT_JSON, json.dumps(self.to_dict(), indent=2, allow_nan=False).encode())
+        write_atomic(self.out_dir / ROUNDS_CSV, self._csv().encode())
+
+    def _csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["round", "seconds", "global_accuracy", "department", "status", "epsilon", "accuracy"])
+        for r in self.rounds:
+            for name, d in sorted(r.departments.items()):
+                writer.writerow([r.round, f"{r.seconds:.3f}", r.global_accuracy, name, d.status, d.epsilon,
+                                 d.accuracy])
+        return buf.getvalue()
+
+    def plot(self) -> None:
+        """Accuracy per round (global and per department) and epsilon spent per department per round."""
+        if self.out_dir is None or not self.rounds:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [r.round for r in self.rounds]
+        names = sorted({n for r in self.rounds for n in r.departments})
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(xs, [r.global_accuracy for r in self.rounds], "k-o", lw=2.5, label="global held-out")
+        for name in names:
+            ax.plot(xs, [r.departments[name].accuracy if name in r.departments else None for r in self.rounds],
+                    "--o", label=name)
+        ax.set(xlabel="round", ylabel="accuracy", title="Accuracy of the global model")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out_dir / ACCURACY_PNG, dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in names:
+            ax.plot(xs, [r.departments[name].epsilon if name in r.departments else None for r in self.rounds],
+                    "-o", label=name)
+        budget = self.config.get("sim-epsilon")
+        if isinstance(budget, int | float):
+            ax.axhline(budget, color="red", ls=":", label="budget")
+        ax.set(xlabel="round", ylabel="epsilon spent (site ledger)", title="Privacy spent per department")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out_dir / EPSILON_PNG, dpi=110)
+        plt.close(fig)

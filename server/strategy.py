@@ -1,0 +1,181 @@
+"""FedAvg of department updates (weighted by examples), applied to the global model, with validation and records.
+
+Departments send *updates* (trained weights minus the global weights they started from). Under SecAgg+ the
+server only ever sees their weighted sum; without it, each update is validated and a bad one is rejected by name.
+The aggregate is validated too: if it is unusable the previous global model is kept and the round says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from common import keys
+from common.config import JobConfig
+from common.params import add
+from server.report import DepartmentRound, RunRecorder
+
+log = logging.getLogger(__name__)
+
+CentralEval = Callable[[list[np.ndarray]], float]  # global arrays -> accuracy on the global held-out test
+RoundHook = Callable[[RunRecorder], None]
+
+
+def _scalar(metrics: dict[str, Scalar], key: str, default: Any = None) -> Any:
+    return metrics.get(key, default)
+
+
+def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
+    """Why `arrays` cannot be an update of `reference` (count, shape, finiteness), or None if it can."""
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} arrays instead of {len(reference)}"
+    for i, (a, r) in enumerate(zip(arrays, reference, strict=True)):
+        if a.shape != r.shape:
+            return f"array {i} has shape {a.shape} instead of {r.shape}"
+        if not np.isfinite(a).all():
+            return f"array {i} is not finite"
+    return None
+
+
+class FedSiloStrategy(FedAvg):
+    def __init__(self, job: JobConfig, initial: list[np.ndarray], fingerprint: str, recorder: RunRecorder,
+                 central_eval: CentralEval | None = None, on_round: RoundHook | None = None) -> None:
+        super().__init__(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=job.min_departments,
+                         min_evaluate_clients=job.min_departments, min_available_clients=job.min_departments,
+                         initial_parameters=ndarrays_to_parameters(initial), accept_failures=True)
+        self.job = job
+        self.fingerprint = fingerprint
+        self.recorder = recorder
+        self.central_eval = central_eval
+        self.on_round = on_round
+        self.global_arrays = initial
+        self._round_start = 0.0
+
+    def _config(self, server_round: int) -> dict[str, Scalar]:
+        return {keys.CFG_ROUND: server_round, keys.CFG_NUM_ROUNDS: self.job.num_server_rounds,
+                keys.CFG_MODEL_FINGERPRINT: self.fingerprint}
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self._round_start = time.perf_counter()
+        self.global_arrays = parameters_to_ndarrays(parameters)
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        return [(proxy, FitIns(ins.parameters, self._config(server_round))) for proxy, ins in pairs]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None,
+                                                                                          dict[str, Scalar]]:
+        record = self.recorder.round(server_round)
+        record.failures = len(failures)
+        for exc in failures:
+            log.warning("aggregate_fit: round %s: a department failed: %s", server_round, exc)
+            record.errors.append(str(exc)[:500])
+        accepted: list[tuple[ClientProxy, FitRes]] = []
+        for proxy, res in results:
+            name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
+            status = str(_scalar(res.metrics, keys.M_STATUS, keys.STATUS_FAILED))
+            self.recorder.department(name)["n_train"] = int(_scalar(res.metrics, keys.M_NUM_EXAMPLES, 0))
+            dept = DepartmentRound(status=status, epsilon=_scalar(res.metrics, keys.M_EPSILON),
+                                   reason=_scalar(res.metrics, keys.M_REASON))
+            record.departments[name] = dept
+            if status != keys.STATUS_TRAINED or res.num_examples <= 0:
+                continue
+            why = check_update(parameters_to_ndarrays(res.parameters), self.global_arrays)
+            if why is not None:
+                # Without SecAgg+ this is one department's update; with it, the (shared) aggregate.
+                dept.status, dept.reason = keys.STATUS_FAILED, f"rejected update: {why}"
+                log.error("aggregate_fit: round %s: rejected the update of %s: %s", server_round, name, why)
+                continue
+            accepted.append((proxy, res))
+        if not accepted:
+            record.aggregate = "kept_previous: no usable update"
+            log.warning("aggregate_fit: round %s: no usable update; keeping the previous global model",
+                        server_round)
+            return ndarrays_to_parameters(self.global_arrays), {}
+        averaged, _ = super().aggregate_fit(server_round, accepted, [])
+        if averaged is None:
+            record.aggregate = "kept_previous: aggregation failed"
+            return ndarrays_to_parameters(self.global_arrays), {}
+        new_global = add(self.global_arrays, parameters_to_ndarrays(averaged))
+        why = check_update(new_global, self.global_arrays)
+        if why is not None:
+            record.aggregate = f"kept_previous: {why}"
+            log.error("aggregate_fit: round %s: aggregate unusable (%s); keeping the previous global model",
+                      server_round, why)
+            return ndarrays_to_parameters(self.global_arrays), {}
+        record.aggregate = "applied"
+        self.global_arrays = new_global
+        return ndarrays_to_parameters(new_global), {}
+
+    def record_halt(self, server_round: int, failures: list[BaseException]) -> None:
+        """Secure aggregation halted this round (too few departments answered); record why."""
+        record = self.recorder.round(server_round)
+        record.failures = len(failures)
+        record.errors.extend(str(exc)[:500] for exc in failures)
+        record.aggregate = "kept_previous: secure aggregation halted (too few departments)"
+        log.error("round %s: secure aggregation halted; %d department failure(s)", server_round, len(failures))
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Central evaluation on the global held-out test (simulation only), after the last round."""
+        if self.central_eval is None or server_round != self.job.num_server_rounds:
+            return None
+        accuracy = self.central_eval(parameters_to_ndarrays(parameters))
+        self.recorder.final["central_global_accuracy"] = accuracy
+        return 0.0, {keys.M_ACCURACY: accuracy}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        pairs = super().configure_evaluate(server_round, parameters, client_manager)
+        return [(proxy, EvaluateIns(ins.parameters, self._config(server_round))) for proxy, ins in pairs]
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]) -> tuple[
+                               float | None, dict[str, Scalar]]:
+        record = self.recorder.round(server_round)
+        correct = total = 0
+        for proxy, res in results:
+            name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
+            dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+            dept.accuracy = float(_scalar(res.metrics, keys.M_ACCURACY, 0.0))
+            dept.epsilon = _scalar(res.metrics, keys.M_EPSILON, dept.epsilon)
+            dept.n_test = res.num_examples
+            self.recorder.department(name)["n_test"] = res.num_examples
+            correct += int(_scalar(res.metrics, keys.M_CORRECT, 0))
+            total += res.num_examples
+        for name in self.recorder.departments:
+            record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+        if record.aggregate == "pending":
+            record.aggregate = "kept_previous: no aggregate (secure aggregation halted or no department trained)"
+        record.global_accuracy = correct / total if total else None
+        record.seconds = time.perf_counter() - self._round_start
+        self._log_round(server_round, record.global_accuracy, len(failures))
+        self.recorder.write()
+        if self.on_round is not None:
+            self.on_round(self.recorder)
+        return None, {keys.M_ACCURACY: record.global_accuracy or 0.0}
+
+    def _log_round(self, server_round: int, accuracy: float | None, eval_failures: int) -> None:
+        record = self.recorder.round(server_round)
+        parts = ", ".join(f"{n}: {d.status} eps={d.epsilon if d.epsilon is None else round(d.epsilon, 3)} "
+                          f"acc={d.accuracy if d.accuracy is None else round(d.accuracy, 3)}"
+                          for n, d in sorted(record.departments.items()))
+        log.info("round %s/%s: %.1fs, global accuracy %s, aggregate %s, %s evaluation failures; %s",
+                 server_round, self.job.num_server_rounds, record.seconds,
+                 "n/a" if accuracy is None else f"{accuracy:.4f}", record.aggregate, eval_failures, parts)

@@ -1,0 +1,1 @@
+"""Local simulations: many departments on one machine with Flower's simulation engine (Ray)."""

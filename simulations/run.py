@@ -1,0 +1,84 @@
+"""Run many departments on one machine with Flower's simulation engine (Ray), in this process.
+
+The ServerApp and ClientApp are the same code as in deployment; only where site configs come from differs
+(`client.site.simulated_sites`). Ray is started and shut down by Flower's simulation runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.app import build_client_app
+from client.site import simulated_sites
+from common.config import check_known_keys
+from common.errors import ConfigError, FedsiloError
+from server.app import build_server_app, resolve_job
+from server.report import REPORT_JSON, RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+class SimulationFailedError(FedsiloError):
+    """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
+
+
+def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> dict[str, bool | int | float | str]:
+    """Validate the run config, fix labels and a tight SecAgg+ max weight, refuse to overwrite a run."""
+    check_known_keys(rc)
+    if (out_dir / REPORT_JSON).exists():
+        raise ConfigError(f"{out_dir} already holds a run ({REPORT_JSON}); choose another --out.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a directory.")
+    rc = {**rc, "out-dir": str(out_dir.resolve())}
+    job, sim = resolve_job(rc)
+    rc["labels"] = job.labels
+    sites = simulated_sites(job, sim, out_dir.resolve())
+    if len(sites) < job.min_departments:
+        raise ConfigError(f"The data has {len(sites)} department(s); the job needs at least {job.min_departments}.")
+    if job.secagg and len(sites) < 2:
+        raise ConfigError("SecAgg+ needs at least 2 departments.")
+    sizes = {s.name: len(s.load_split(job.label_names).train_texts) for s in sites}
+    small = {n: k for n, k in sizes.items() if k < 2}
+    if small:
+        raise ConfigError(f"Department(s) with fewer than 2 training examples: {small}.")
+    if "secagg-max-weight" not in rc:
+        rc["secagg-max-weight"] = float(max(sizes.values()))  # tightest weight bound: least quantisation error
+    return rc
+
+
+def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
+             on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0) -> dict[str, Any]:
+    """Run the simulation; returns the report. Raises on bad config or if the rounds did not complete."""
+    rc = prepare(rc, out_dir)
+    job, sim = resolve_job(rc)
+    n_sites = len(simulated_sites(job, sim, out_dir.resolve()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
+    backend_config = {
+        "client_resources": {"num_cpus": cpus_per_department, "num_gpus": gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
+    }
+    from flwr.simulation import run_simulation
+
+    log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
+    run_simulation(server_app=build_server_app(rc, simulation=True, on_round=on_round),
+                   client_app=build_client_app(rc), num_supernodes=n_sites, backend_config=backend_config)
+    report_path = out_dir / REPORT_JSON
+    if not report_path.exists():
+        raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    applied = [r for r in report["rounds"] if r["aggregate"] == "applied"]
+    if len(report["rounds"]) < job.num_server_rounds or not applied:
+        errors = [e for r in report["rounds"] for e in r.get("errors", [])]
+        raise SimulationFailedError(
+            f"The simulation completed {len(report['rounds'])} of {job.num_server_rounds} rounds and applied "
+            f"{len(applied)} aggregate(s). First department error: {errors[0] if errors else 'none recorded'}"
+        )
+    return report

@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic department data and fast job settings for the tiny model."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+POSITIVE = ["great", "excellent", "wonderful", "love", "superb", "happy", "delightful", "best"]
+NEGATIVE = ["awful", "terrible", "horrible", "hate", "poor", "sad", "boring", "worst"]
+FILLER = ["the", "service", "film", "product", "day", "story", "food", "really", "was", "very", "and", "quite"]
+
+
+def make_department_frame(departments: dict[str, int], seed: int = 0) -> pd.DataFrame:
+    """Short texts whose label is given by sentiment words; `departments` maps name -> number of rows."""
+    rng = random.Random(seed)
+    rows = []
+    for dept, n in departments.items():
+        for i in range(n):
+            label = "positive" if i % 2 == 0 else "negative"
+            words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+            rng.shuffle(words)
+            rows.append({"text": " ".join(words), "label": label, "department": dept})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def three_departments_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "departments.csv"
+    make_department_frame({"cardiology": 60, "oncology": 48, "radiology": 40}).to_csv(path, index=False)
+    return path
+
+
+# Fast settings for the tiny model: a handful of DP steps per round.
+TINY_JOB = {"model": "tiny-random", "batch-size": 8, "local-epochs": 0.5, "max-length": 16,
+            "learning-rate": 0.05}

@@ -1,0 +1,90 @@
+"""End to end: tiny model, 3 departments, 2 rounds, DP-SGD + SecAgg+ on Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.ledger import LedgerFile
+from common.privacy import epsilon_spent
+from server.report import ACCURACY_PNG, EPSILON_PNG, REPORT_JSON, ROUNDS_CSV
+from simulations.run import simulate
+from tests.conftest import TINY_JOB, make_department_frame
+
+pytestmark = pytest.mark.slow
+
+BUDGET = 8.0
+SMALL_BUDGET = 0.05  # far below what even one round needs: radiology must decline
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("sim")
+    data = base / "departments.csv"
+    make_department_frame({"cardiology": 60, "oncology": 48, "radiology": 40}).to_csv(data, index=False)
+    out = base / "out"
+    rc = {**TINY_JOB, "num-server-rounds": 2, "sim-data": str(data), "sim-epsilon": BUDGET,
+          "sim-site-epsilons": f"radiology={SMALL_BUDGET}"}
+    report = simulate(rc, out)
+    return out, report
+
+
+def test_report_has_every_section(run: tuple[Path, dict[str, Any]]) -> None:
+    out, report = run
+    assert json.loads((out / REPORT_JSON).read_text()) == report
+    assert set(report["departments"]) == {"cardiology", "oncology", "radiology"}
+    assert report["departments"]["cardiology"] == {"n_train": 48, "n_test": 12}
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for r in report["rounds"]:
+        assert r["seconds"] > 0
+        assert 0 <= r["global_accuracy"] <= 1
+        assert r["aggregate"] == "applied"
+        assert set(r["departments"]) == {"cardiology", "oncology", "radiology"}
+    final = report["final"]
+    assert final["dp"] is True and final["secure_aggregation"] is True
+    assert final["delta"] == pytest.approx(1e-5)
+    assert 0 <= final["global_accuracy"] <= 1
+    assert set(final["epsilon"]) == {"cardiology", "oncology", "radiology"}
+    for name in (ROUNDS_CSV, ACCURACY_PNG, EPSILON_PNG):
+        assert (out / name).stat().st_size > 0
+
+
+def test_small_budget_site_declines_and_spends_nothing(run: tuple[Path, dict[str, Any]]) -> None:
+    out, report = run
+    for r in report["rounds"]:
+        dept = r["departments"]["radiology"]
+        assert dept["status"] == "declined_budget"
+        assert "budget" in dept["reason"]
+        assert dept["epsilon"] == 0.0
+        assert dept["accuracy"] is not None  # it still evaluates the global model on its own test split
+    ledger = LedgerFile(out / "sites" / "radiology" / "ledger.json", "radiology", SMALL_BUDGET, 1e-5, "rdp")
+    assert ledger.read().entries == []
+
+
+def test_ledgers_are_charged_within_budget_and_recomputable(run: tuple[Path, dict[str, Any]]) -> None:
+    out, report = run
+    for name in ("cardiology", "oncology"):
+        path = out / "sites" / name / "ledger.json"
+        ledger = LedgerFile(path, name, BUDGET, 1e-5, "rdp").read()
+        assert [e.round for e in ledger.entries] == [1, 2]
+        for i, entry in enumerate(ledger.entries):
+            # Anyone can recompute epsilon from the recorded (sigma, q, steps) with Opacus' accountant.
+            recomputed = epsilon_spent(ledger.history[: i + 1], entry.delta, "rdp")
+            assert entry.epsilon_after == pytest.approx(recomputed, rel=1e-9)
+            assert report["rounds"][i]["departments"][name]["status"] == "trained"
+        assert 0.9 * BUDGET < ledger.epsilon <= BUDGET  # the planned noise spends (nearly) the whole budget
+        assert report["final"]["epsilon"][name] == pytest.approx(ledger.epsilon)
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_rerun_into_the_same_directory_is_refused(run: tuple[Path, dict[str, Any]]) -> None:
+    from common.errors import ConfigError
+
+    out, _ = run
+    before = (out / REPORT_JSON).read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        simulate(dict(TINY_JOB), out)
+    assert (out / REPORT_JSON).read_bytes() == before

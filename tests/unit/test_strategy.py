@@ -1,0 +1,105 @@
+"""The server strategy with fake department results: FedAvg of updates, declines, rejected updates, records."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from common import keys
+from common.config import JobConfig
+from server.report import RunRecorder
+from server.strategy import FedSiloStrategy, check_update
+
+OK = Status(code=Code.OK, message="")
+
+
+def _proxy(node_id: int) -> SimpleNamespace:
+    return SimpleNamespace(node_id=node_id)
+
+
+def _fit(name: str, update: list[np.ndarray], n: int, status: str = keys.STATUS_TRAINED) -> FitRes:
+    metrics = {keys.M_DEPARTMENT: name, keys.M_STATUS: status, keys.M_EPSILON: 1.5, keys.M_NUM_EXAMPLES: n}
+    return FitRes(status=OK, parameters=ndarrays_to_parameters(update), num_examples=n if status == "trained" else 0,
+                  metrics=metrics)
+
+
+@pytest.fixture
+def strategy(tmp_path) -> FedSiloStrategy:
+    initial = [np.ones((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
+    s = FedSiloStrategy(JobConfig(secagg=False, num_server_rounds=2), initial, "fp", RunRecorder({}, tmp_path))
+    s.global_arrays = initial
+    return s
+
+
+def test_weighted_average_of_updates_is_added_to_the_global_model(strategy: FedSiloStrategy) -> None:
+    a = [np.full((2, 3), 1.0, np.float32), np.full(4, 2.0, np.float32)]
+    b = [np.full((2, 3), 4.0, np.float32), np.full(4, -1.0, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [(_proxy(1), _fit("a", a, 10)), (_proxy(2), _fit("b", b, 30))], [])
+    new = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(new[0], 1.0 + (10 * 1.0 + 30 * 4.0) / 40)
+    np.testing.assert_allclose(new[1], 0.0 + (10 * 2.0 + 30 * -1.0) / 40)
+    record = strategy.recorder.rounds[-1]
+    assert record.aggregate == "applied"
+    assert record.departments["a"].status == "trained"
+    assert strategy.recorder.departments["b"]["n_train"] == 30
+
+
+def test_declined_department_does_not_weigh_in(strategy: FedSiloStrategy) -> None:
+    a = [np.full((2, 3), 2.0, np.float32), np.full(4, 2.0, np.float32)]
+    zeros = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+    results = [(_proxy(1), _fit("a", a, 10)), (_proxy(2), _fit("b", zeros, 50, keys.STATUS_DECLINED_BUDGET))]
+    new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    np.testing.assert_allclose(new[0], 3.0)
+    assert strategy.recorder.rounds[-1].departments["b"].status == keys.STATUS_DECLINED_BUDGET
+
+
+def test_everyone_declined_keeps_the_previous_model(strategy: FedSiloStrategy) -> None:
+    zeros = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+    results = [(_proxy(1), _fit("a", zeros, 5, keys.STATUS_DECLINED_BUDGET))]
+    new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [RuntimeError("node 3 died")])[0])
+    np.testing.assert_array_equal(new[0], 1.0)
+    record = strategy.recorder.rounds[-1]
+    assert record.aggregate.startswith("kept_previous")
+    assert record.failures == 1 and "node 3 died" in record.errors[0]
+
+
+@pytest.mark.parametrize("bad", [
+    [np.full((2, 3), np.nan, np.float32), np.zeros(4, np.float32)],
+    [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)],
+    [np.zeros((2, 3), np.float32)],
+])
+def test_a_bad_update_is_rejected_by_name(strategy: FedSiloStrategy, bad: list[np.ndarray]) -> None:
+    good = [np.full((2, 3), 1.0, np.float32), np.full(4, 1.0, np.float32)]
+    results = [(_proxy(1), _fit("good", good, 10)), (_proxy(2), _fit("evil", bad, 1000))]
+    new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
+    np.testing.assert_allclose(new[0], 2.0)  # only the good update counted
+    dept = strategy.recorder.rounds[-1].departments["evil"]
+    assert dept.status == keys.STATUS_FAILED and dept.reason.startswith("rejected update")
+
+
+def test_check_update_names_the_problem() -> None:
+    ref = [np.zeros(3, np.float32)]
+    assert check_update([np.zeros(3, np.float32)], ref) is None
+    assert "shape" in check_update([np.zeros(4, np.float32)], ref)
+    assert "not finite" in check_update([np.array([0, np.inf, 0], np.float32)], ref)
+    assert "arrays instead of" in check_update([], ref)
+
+
+def test_evaluation_gives_the_global_accuracy_and_finishes_the_round(strategy: FedSiloStrategy, tmp_path) -> None:
+    strategy._round_start = 0.0
+    res = [
+        (_proxy(1), EvaluateRes(status=OK, loss=0.5, num_examples=10,
+                                metrics={keys.M_DEPARTMENT: "a", keys.M_ACCURACY: 0.9, keys.M_CORRECT: 9,
+                                         keys.M_EPSILON: 2.0})),
+        (_proxy(2), EvaluateRes(status=OK, loss=0.5, num_examples=30,
+                                metrics={keys.M_DEPARTMENT: "b", keys.M_ACCURACY: 0.5, keys.M_CORRECT: 15,
+                                         keys.M_EPSILON: 3.0})),
+    ]
+    strategy.aggregate_evaluate(1, res, [])
+    record = strategy.recorder.rounds[-1]
+    assert record.global_accuracy == pytest.approx(24 / 40)
+    assert record.departments["b"].epsilon == 3.0 and record.departments["b"].n_test == 30
+    assert (tmp_path / "report.json").exists() and (tmp_path / "rounds.csv").exists()
