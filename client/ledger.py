@@ -85,7 +85,7 @@ def _parse(path: Path, text: str) -> Ledger:
         entries = [LedgerEntry(**e) for e in body["entries"]]
         return Ledger(site=str(body["site"]), epsilon_budget=float(body["budget"]["epsilon"]),
                       delta=float(body["budget"]["delta"]), accountant=str(body["accountant"]), entries=entries)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise LedgerError(f"Ledger {path} is unreadable or torn ({exc!r}). Refusing to train.") from exc
 
 
@@ -93,13 +93,15 @@ def _write_atomic(path: Path, ledger: Ledger) -> None:
     body = ledger.body()
     data = json.dumps({"body": body, "sha256": _checksum(body)}, indent=1, sort_keys=True).encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

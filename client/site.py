@@ -17,6 +17,14 @@ from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, depar
 from common.errors import ConfigError, DataError
 
 
+def _has_type(value: object, kind: str) -> bool:
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"str": str, "bool": bool}[kind])
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     name: str  # department name, as reported to the server
@@ -62,6 +70,10 @@ class SiteConfig:
         missing = sorted(k for k in ("name", "data", "epsilon", "delta", "ledger") if k not in doc)
         if missing:
             raise ConfigError(f"Site config {path}: missing key(s) {missing}.")
+        for f in fields(cls):
+            if f.name in doc and not _has_type(doc[f.name], str(f.type)):
+                raise ConfigError(f"Site config {path}: key '{f.name}' must be of type {f.type}, "
+                                  f"got {doc[f.name]!r}.")
         base = path.parent
         doc["data"] = doc["data"] if doc["data"] == "hutto" else str((base / doc["data"]).resolve())
         doc["ledger"] = str((base / doc["ledger"]).resolve())

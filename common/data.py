@@ -151,6 +151,10 @@ def load_table(path: Path, text_column: str, label_column: str, department_colum
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
         raise DataError(f"Data file {path} lacks column(s) {missing}; it has {list(raw.columns)}.")
+    for column in wanted:
+        nulls = int(raw[column].isna().sum())
+        if nulls:
+            raise DataError(f"Data file {path}: {nulls} row(s) have an empty '{column}'.")
     frame = pd.DataFrame({
         TEXT: raw[text_column].astype(str).str.strip(),
         LABEL: raw[label_column].astype(str).str.strip(),
@@ -203,7 +207,7 @@ def split_department(frame: pd.DataFrame, department: str, labels: tuple[str, ..
         raise DataError(f"Department {department!r} has {len(rows)} example(s); at least 2 are needed.")
     rng = np.random.default_rng([seed, zlib.crc32(department.encode())])
     order = rng.permutation(len(rows))
-    n_test = max(1, round(len(rows) * test_fraction))
+    n_test = min(len(rows) - 1, max(1, round(len(rows) * test_fraction)))  # at least one row on each side
     test, train = rows.iloc[order[:n_test]], rows.iloc[order[n_test:]]
     where = f"Department {department!r}"
     return Split(department, train[TEXT].tolist(), label_index(labels, train[LABEL], where),

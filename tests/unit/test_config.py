@@ -1,0 +1,162 @@
+"""Unit tests for common.config: JobConfig / SimulationConfig parsing and validation."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from common.config import JobConfig, SimulationConfig, as_run_config, check_known_keys
+from common.errors import ConfigError
+
+
+def test_job_defaults_are_valid() -> None:
+    cfg = JobConfig.from_run_config({})
+    assert cfg == JobConfig()
+    assert cfg.num_server_rounds == 4
+    assert cfg.finetune == "lora"
+    assert cfg.label_names == ()
+
+
+def test_simulation_defaults_are_valid() -> None:
+    cfg = SimulationConfig.from_run_config({})
+    assert cfg == SimulationConfig()
+    assert cfg.sim_epsilon == 8.0
+    assert cfg.site_epsilon_overrides() == {}
+
+
+def test_job_values_are_parsed_and_coerced() -> None:
+    cfg = JobConfig.from_run_config({
+        "num-server-rounds": 7,
+        "learning-rate": 1,  # int accepted for a float key
+        "lora-r": 4.0,  # integral float accepted for an int key
+        "dp": "false",  # bool from string
+        "secagg": "no",
+        "min-departments": 1,
+        "labels": " neg , pos ",
+    })
+    assert cfg.num_server_rounds == 7
+    assert cfg.learning_rate == 1.0
+    assert isinstance(cfg.learning_rate, float)
+    assert cfg.lora_r == 4
+    assert isinstance(cfg.lora_r, int)
+    assert cfg.dp is False
+    assert cfg.secagg is False
+    assert cfg.label_names == ("neg", "pos")
+
+
+@pytest.mark.parametrize(
+    ("rc", "key"),
+    [
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"num-server-rounds": -3}, "num-server-rounds"),
+        ({"finetune": "x"}, "finetune"),
+        ({"grad-sample-mode": "magic"}, "grad-sample-mode"),
+        ({"learning-rate": -1}, "learning-rate"),
+        ({"learning-rate": 0.0}, "learning-rate"),
+        ({"learning-rate": float("nan")}, "learning-rate"),
+        ({"learning-rate": float("inf")}, "learning-rate"),
+        ({"learning-rate": "fast"}, "learning-rate"),
+        ({"max-length": 0}, "max-length"),
+        ({"max-length": 513}, "max-length"),
+        ({"batch-size": 0}, "batch-size"),
+        ({"batch-size": 2.5}, "batch-size"),
+        ({"batch-size": True}, "batch-size"),
+        ({"lora-r": 0}, "lora-r"),
+        ({"lora-alpha": -1}, "lora-alpha"),
+        ({"local-epochs": 0}, "local-epochs"),
+        ({"clip-norm": -0.5}, "clip-norm"),
+        ({"secagg-num-shares": 0}, "secagg-num-shares"),
+        ({"secagg-num-shares": 1.5}, "secagg-num-shares"),
+        ({"secagg-reconstruction-threshold": 0}, "secagg-reconstruction-threshold"),
+        ({"secagg-quantization-range": 2**32}, "secagg-quantization-range"),
+        ({"secagg-max-weight": 0}, "secagg-max-weight"),
+        ({"secagg": True, "min-departments": 1}, "min-departments"),
+        ({"secagg": False, "min-departments": 0}, "min-departments"),
+        ({"dp": "maybe"}, "dp"),
+        ({"dp": 1}, "dp"),
+        ({"model": 3}, "model"),
+        ({"labels": "only"}, "labels"),
+        ({"labels": " , "}, "labels"),
+        ({"labels": "a,b,a"}, "labels"),
+        ({"seed": "zero"}, "seed"),
+    ],
+)
+def test_job_bad_value_names_key(rc: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        JobConfig.from_run_config(rc)
+
+
+def test_secagg_off_allows_single_department() -> None:
+    cfg = JobConfig.from_run_config({"secagg": False, "min-departments": 1})
+    assert cfg.min_departments == 1
+
+
+def test_duplicate_labels_message_mentions_duplicates() -> None:
+    with pytest.raises(ConfigError, match="duplicates"):
+        JobConfig.from_run_config({"labels": "pos,neg,pos"})
+
+
+@pytest.mark.parametrize(
+    ("rc", "key"),
+    [
+        ({"sim-delta": 1}, "sim-delta"),
+        ({"sim-delta": 0}, "sim-delta"),
+        ({"sim-delta": 1.5}, "sim-delta"),
+        ({"sim-epsilon": 0}, "sim-epsilon"),
+        ({"sim-epsilon": -2.0}, "sim-epsilon"),
+        ({"sim-test-fraction": 0}, "sim-test-fraction"),
+        ({"sim-test-fraction": 1.0}, "sim-test-fraction"),
+        ({"sim-site-epsilons": "amazon"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=abc"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=0"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=-1"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=inf"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=nan"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "=3"}, "sim-site-epsilons"),
+        ({"sim-site-epsilons": "amazon=2,nyt"}, "sim-site-epsilons"),
+        ({"sim-global-eval": "perhaps"}, "sim-global-eval"),
+    ],
+)
+def test_simulation_bad_value_names_key(rc: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        SimulationConfig.from_run_config(rc)
+
+
+def test_site_epsilon_overrides() -> None:
+    cfg = SimulationConfig.from_run_config({"sim-epsilon": 4, "sim-site-epsilons": " amazon = 2.5 , nyt=10,"})
+    assert cfg.site_epsilon_overrides() == {"amazon": 2.5, "nyt": 10.0}
+    assert cfg.site_epsilon("amazon") == 2.5
+    assert cfg.site_epsilon("nyt") == 10.0
+    assert cfg.site_epsilon("tweets") == 4.0
+
+
+def test_check_known_keys_accepts_all_known() -> None:
+    check_known_keys(as_run_config(JobConfig(), SimulationConfig()))
+    check_known_keys({})
+
+
+def test_check_known_keys_rejects_unknown() -> None:
+    with pytest.raises(ConfigError, match="learning_rate") as info:
+        check_known_keys({"num-server-rounds": 2, "learning_rate": 0.1, "bogus-key": 1})
+    assert "bogus-key" in str(info.value)
+    assert "num-server-rounds" not in str(info.value).split("Known keys")[0]
+
+
+def test_as_run_config_round_trips() -> None:
+    job = JobConfig(num_server_rounds=9, model="tiny-random", finetune="full", learning_rate=0.125, dp=False,
+                    secagg=False, min_departments=1, labels="a,b,c", seed=42, out_dir="/tmp/x")
+    sim = SimulationConfig(sim_data="data.csv", sim_epsilon=3.5, sim_delta=1e-6, sim_site_epsilons="a=1,b=2",
+                           sim_global_eval=False, sim_test_fraction=0.3)
+    rc = as_run_config(job, sim)
+    assert set(rc) == {f.name.replace("_", "-") for f in (*fields(JobConfig), *fields(SimulationConfig))}
+    assert rc["num-server-rounds"] == 9
+    assert rc["sim-site-epsilons"] == "a=1,b=2"
+    assert JobConfig.from_run_config(rc) == job
+    assert SimulationConfig.from_run_config(rc) == sim
+
+
+def test_as_run_config_round_trips_defaults() -> None:
+    rc = as_run_config(JobConfig())
+    assert JobConfig.from_run_config(rc) == JobConfig()
+    assert all("_" not in k for k in rc)
