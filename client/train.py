@@ -18,6 +18,8 @@ from common.text import Encoded, model_inputs
 
 log = logging.getLogger(__name__)
 
+SGD_MOMENTUM = 0.9
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -56,7 +58,9 @@ def train_round(model: torch.nn.Module, data: Encoded, cfg: JobConfig, *, steps:
     model.to(dev)
     model.train()  # from_pretrained returns eval mode; Opacus captures activations only in train mode
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=cfg.learning_rate) if cfg.optimizer == "adam"
+        else torch.optim.SGD(params, lr=cfg.learning_rate, momentum=SGD_MOMENTUM))
     criterion = torch.nn.CrossEntropyLoss()
     loader = torch.utils.data.DataLoader(data.dataset(), batch_size=cfg.batch_size, shuffle=True,
                                          generator=generator)

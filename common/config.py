@@ -16,6 +16,7 @@ from common.errors import ConfigError
 
 FINETUNE_MODES = ("lora", "full")
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 RunConfig = Mapping[str, bool | int | float | str]
@@ -77,11 +78,12 @@ class JobConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     max_length: int = 64  # tokens per text after truncation
     batch_size: int = 64  # expected (Poisson) batch size
-    learning_rate: float = 5e-3  # Adam learning rate
+    learning_rate: float = 5e-3  # local learning rate
+    optimizer: str = "adam"  # local optimizer: "adam" or "sgd" (momentum 0.9)
     local_epochs: float = 0.25  # fraction of a department's training data visited per round
     clip_norm: float = 1.0  # per-example gradient clipping norm (DP-SGD)
     dp: bool = True  # DP-SGD on; off only for baselines
-    grad_sample_mode: str = "ghost"  # Opacus per-sample gradient mode
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradient mode (hooks: fastest for LoRA here)
     secagg: bool = True  # SecAgg+ on
     secagg_num_shares: float = 1.0  # fraction of sampled departments each key is shared with
     secagg_reconstruction_threshold: float = 0.67  # fraction of shares needed to reconstruct
@@ -108,6 +110,8 @@ class JobConfig:
             raise ConfigError(f"Config key 'num-server-rounds' must be at least 1, got {self.num_server_rounds}.")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"Config key 'finetune' must be one of {FINETUNE_MODES}, got {self.finetune!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"Config key 'optimizer' must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(
                 f"Config key 'grad-sample-mode' must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}."

@@ -7,10 +7,12 @@ The server and every department call `build_model` with the same job config, so 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -83,12 +85,57 @@ def _base_model(spec: str, num_labels: int, seed: int, vocab_size: int) -> PreTr
         raise ModelError(f"Could not load model {spec!r}: {exc}") from exc
 
 
+class MaskedMeanPooler(torch.nn.Module):
+    """Mean of the token states under the attention mask, in place of BERT's [CLS] pooler.
+
+    Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean pooling (their
+    `1_Pooling/config.json` says so); their [CLS] pooler was never trained for sentence meaning. The attention mask
+    is handed over by a forward pre-hook on the encoder (BERT's pooler only receives the hidden states).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(dim=1)
+        weights = mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def _uses_mean_pooling(model_dir: Path) -> bool:
+    config = model_dir / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("pooling_mode_mean_tokens", False))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"Unreadable pooling config {config}: {exc}") from exc
+
+
+def _install_mean_pooling(model: PreTrainedModel) -> None:
+    encoder = model.base_model
+    if not hasattr(encoder, "pooler"):
+        raise ModelError(f"{type(encoder).__name__} has no pooler to replace with mean pooling.")
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def hand_over_mask(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        pooler.mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+
+
 def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
     """Base model for `num_labels` classes, wrapped with LoRA unless `finetune == "full"`."""
     if num_labels < 2:
         raise ModelError(f"A classifier needs at least 2 labels, got {num_labels}.")
     tokenizer = load_tokenizer(cfg.model)
     model: torch.nn.Module = _base_model(cfg.model, num_labels, cfg.seed, len(tokenizer))
+    if cfg.model != TINY_RANDOM and _uses_mean_pooling(resolve_model_dir(cfg.model)):
+        _install_mean_pooling(model)
     if cfg.finetune == "lora":
         torch.manual_seed(cfg.seed + 1)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
