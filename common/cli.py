@@ -130,11 +130,92 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("certs", help="create TLS certificates and SuperNode authentication keys",
+                       description="Provision a Flower deployment: a CA (ca.crt/ca.key), the SuperLink's "
+                                   "certificate (server.pem/server.key, for --ssl-ca-certfile/--ssl-certfile/"
+                                   "--ssl-keyfile) and SuperNode keys (OpenSSH EC P-384, for "
+                                   "--auth-supernode-private-key and `flwr supernode register`). Existing files "
+                                   "are never overwritten.")
+    csub = p.add_subparsers(dest="certs_command", required=True)
+    days_help = "validity in days (default 365)"
+
+    ca = csub.add_parser("ca", help="create a CA certificate and key")
+    ca.add_argument("--out", type=Path, required=True, help="output directory")
+    ca.add_argument("--days", type=int, default=365, help=days_help)
+    ca.add_argument("--common-name", default="fedsilo CA", help="the CA's common name")
+    ca.set_defaults(func=_cmd_certs)
+
+    server = csub.add_parser("server", help="create the SuperLink certificate, signed by the CA in --out")
+    server.add_argument("--out", type=Path, required=True, help="directory holding ca.crt and ca.key")
+    server.add_argument("--san", action="append", default=[], required=True, metavar="NAME_OR_IP",
+                        help="an address clients use: DNS name or IP (repeatable, e.g. localhost, 127.0.0.1)")
+    server.add_argument("--days", type=int, default=365, help=days_help)
+    server.set_defaults(func=_cmd_certs)
+
+    node = csub.add_parser("node", help="create a SuperNode authentication key pair (<NAME>, <NAME>.pub)")
+    node.add_argument("--out", type=Path, required=True, help="output directory")
+    node.add_argument("--name", required=True, help="key file name (letters, digits, _ . -)")
+    node.set_defaults(func=_cmd_certs)
+
+    init = csub.add_parser("init", help="CA + SuperLink certificate + SuperNode keys in one go (all or nothing)")
+    init.add_argument("--out", type=Path, required=True, help="output directory")
+    init.add_argument("--san", action="append", default=[], required=True, metavar="NAME_OR_IP",
+                      help="an address clients use: DNS name or IP (repeatable)")
+    init.add_argument("--node", action="append", default=[], metavar="NAME",
+                      help="create a SuperNode key pair with this name (repeatable)")
+    init.add_argument("--days", type=int, default=365, help=days_help)
+    init.add_argument("--common-name", default="fedsilo CA", help="the CA's common name")
+    init.set_defaults(func=_cmd_certs)
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from common import certs
+
+    def show_ca(ca: certs.CaFiles) -> None:
+        print(f"CA certificate: {ca.cert}  (sha256 {ca.fingerprint})")
+        print(f"CA key:         {ca.key}  (keep offline; mode 0600)")
+
+    def show_server(server: certs.ServerFiles) -> None:
+        print(f"Server cert:    {server.cert}  (sha256 {server.fingerprint}; SANs {', '.join(server.sans)})")
+        print(f"Server key:     {server.key}  (mode 0600)")
+
+    def show_node(node: certs.NodeKeyFiles) -> None:
+        print(f"Node key:       {node.private_key}  (mode 0600)")
+        print(f"Node public:    {node.public_key}  ({node.fingerprint})")
+
+    out: Path = args.out
+    if args.certs_command == "ca":
+        show_ca(certs.create_ca(out, common_name=args.common_name, days=args.days))
+    elif args.certs_command == "server":
+        server = certs.create_server_cert(out, sans=args.san, days=args.days)
+        show_server(server)
+        print(f"SuperLink: --ssl-ca-certfile {out / certs.CA_CERT} --ssl-certfile {server.cert} "
+              f"--ssl-keyfile {server.key}")
+    elif args.certs_command == "node":
+        node = certs.create_node_key(out, args.name)
+        show_node(node)
+        print(f"Register it: flwr supernode register {node.public_key} ...")
+    else:
+        done = certs.provision(out, sans=args.san, nodes=args.node, days=args.days, common_name=args.common_name)
+        show_ca(done.ca)
+        show_server(done.server)
+        for node in done.nodes:
+            show_node(node)
+        print(f"SuperLink: --ssl-ca-certfile {done.ca.cert} --ssl-certfile {done.server.cert} "
+              f"--ssl-keyfile {done.server.key}")
+        print(f"SuperNode: --root-certificates {done.ca.cert} --auth-supernode-private-key <node key>")
+        if done.nodes:
+            print("Register each node: flwr supernode register <node key>.pub ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsilo", description="Privacy-preserving federated fine-tuning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
+    _add_certs(sub)
     b = sub.add_parser("budget", help="show a site's privacy ledger: spent, remaining, per round")
     b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     b.add_argument("--json", action="store_true", help="machine-readable output")
