@@ -112,6 +112,7 @@ class RunRecorder:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         xs = [r.round for r in self.rounds]
         names = sorted({n for r in self.rounds for n in r.departments})
@@ -121,6 +122,7 @@ class RunRecorder:
             ax.plot(xs, [r.departments[name].accuracy if name in r.departments else None for r in self.rounds],
                     "--o", label=name)
         ax.set(xlabel="round", ylabel="accuracy", title="Accuracy of the global model")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -134,6 +136,7 @@ class RunRecorder:
         if isinstance(budget, int | float):
             ax.axhline(budget, color="red", ls=":", label="budget")
         ax.set(xlabel="round", ylabel="epsilon spent (site ledger)", title="Privacy spent per department")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
