@@ -40,6 +40,11 @@ class SiteConfig:
     allow_non_private: bool = False  # refuse jobs that turn DP-SGD off
     test_fraction: float = 0.2  # share of the site's data held out for federated evaluation
     split_seed: int = 0
+    # Deployment (fedsilo client start): where the coordination server is and how this site proves who it is.
+    server: str = ""  # SuperLink address host:port
+    ca: str = ""  # CA certificate the server's TLS certificate must chain to
+    node_key: str = ""  # this site's private node key (OpenSSH, EC P-384), registered at the server
+    insecure: bool = False  # plaintext, no node authentication: local development only
 
     def validate(self) -> None:
         if not self.name.strip():
@@ -76,7 +81,9 @@ class SiteConfig:
                                   f"got {doc[f.name]!r}.")
         base = path.parent
         doc["data"] = doc["data"] if doc["data"] == "hutto" else str((base / doc["data"]).resolve())
-        doc["ledger"] = str((base / doc["ledger"]).resolve())
+        for key in ("ledger", "ca", "node_key"):
+            if doc.get(key):
+                doc[key] = str((base / doc[key]).resolve())
         try:
             cfg = cls(**doc)
         except TypeError as exc:

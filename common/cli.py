@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -210,12 +211,118 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Replace this process with a Flower executable (signals and exit status go straight to it)."""
+    print(f"fedsilo: exec {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    from common.runtime import tool_env
+
+    os.execve(cmd[0], cmd, tool_env(env))  # noqa: S606 (argument list, no shell)
+    return 0  # not reached
+
+
+def _cmd_server_start(args: argparse.Namespace) -> int:
+    from server.deploy import ServerState, prepare_server
+
+    if args.insecure:
+        print("fedsilo: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can read "
+              "the traffic and join as a department. Local development only.", file=sys.stderr)
+    cmd = prepare_server(args.state_dir, args.certs, args.host, args.port, insecure=args.insecure)
+    return _exec(cmd, ServerState(args.state_dir).env())
+
+
+def _cmd_server_register(args: argparse.Namespace) -> int:
+    from server.deploy import register_node
+
+    print(register_node(args.state_dir, args.key, args.name))
+    return 0
+
+
+def _cmd_server_nodes(args: argparse.Namespace) -> int:
+    from server.deploy import list_nodes
+
+    print(list_nodes(args.state_dir), end="")
+    return 0
+
+
+def _cmd_server_run(args: argparse.Namespace) -> int:
+    from common.errors import FedsiloError
+    from server.deploy import submit_job
+    from server.report import REPORT_JSON
+
+    out = args.out.resolve()
+    if (out / REPORT_JSON).exists():
+        raise FedsiloError(f"{out} already holds a run ({REPORT_JSON}); choose another --out.")
+    rc: dict[str, bool | int | float | str] = dict(args.config)
+    rc.update({"labels": args.labels, "out-dir": str(out)})
+    for attr, key in {"rounds": "num-server-rounds", "model": "model", "finetune": "finetune"}.items():
+        if getattr(args, attr) is not None:
+            rc[key] = getattr(args, attr)
+    if args.no_secagg:
+        rc["secagg"] = False
+    if args.no_dp:
+        rc["dp"] = False
+    status = submit_job(args.state_dir, rc)
+    if not (out / REPORT_JSON).exists():
+        raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
+    report = json.loads((out / REPORT_JSON).read_text())
+    final = report["final"]
+    print(f"Job finished: {final.get('rounds_completed')} rounds, global accuracy {final.get('global_accuracy')}; "
+          f"report in {out}")
+    return 0 if status == 0 else EXIT_ERROR
+
+
+def _cmd_client_start(args: argparse.Namespace) -> int:
+    from client.deploy import supernode_command
+
+    return _exec(supernode_command(args.site_config, port=args.port, max_retries=args.max_retries))
+
+
+def _add_deployment(sub: argparse._SubParsersAction) -> None:
+    server = sub.add_parser("server", help="run the coordination server (Flower SuperLink) and submit jobs")
+    ssub = server.add_subparsers(dest="server_command", required=True)
+    start = ssub.add_parser("start", help="start the SuperLink: TLS, node authentication, persistent state")
+    start.add_argument("--state-dir", type=Path, required=True, help="server state (database, operator connection)")
+    start.add_argument("--certs", type=Path, help="directory from `fedsilo certs init` (ca.crt, server.pem, ...)")
+    start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=47100, help="HTTPS port (default 47100)")
+    start.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (dev only)")
+    start.set_defaults(func=_cmd_server_start)
+    reg = ssub.add_parser("register", help="register a department's node public key")
+    reg.add_argument("--state-dir", type=Path, required=True)
+    reg.add_argument("--key", type=Path, required=True, help="the department's <name>.pub")
+    reg.add_argument("--name", required=True, help="the department's name")
+    reg.set_defaults(func=_cmd_server_register)
+    nodes = ssub.add_parser("nodes", help="list registered departments' nodes and whether they are online")
+    nodes.add_argument("--state-dir", type=Path, required=True)
+    nodes.set_defaults(func=_cmd_server_nodes)
+    run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end")
+    run.add_argument("--state-dir", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True, help="where the server writes report, CSV, plots")
+    run.add_argument("--labels", required=True, help="class names in label order, e.g. negative,positive")
+    run.add_argument("--rounds", type=int)
+    run.add_argument("--model", help="'minilm', 'tiny-random' or a model directory present on every host")
+    run.add_argument("--finetune", choices=["lora", "full"])
+    run.add_argument("--no-secagg", action="store_true", help="sites that require SecAgg+ will refuse")
+    run.add_argument("--no-dp", action="store_true", help="sites that do not allow it will refuse")
+    run.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
+    run.set_defaults(func=_cmd_server_run)
+
+    client = sub.add_parser("client", help="run a department's client (Flower SuperNode)")
+    csub = client.add_subparsers(dest="client_command", required=True)
+    cstart = csub.add_parser("start", help="connect this department to the server, from its site config")
+    cstart.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
+    cstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    cstart.add_argument("--max-retries", type=int, help="give up after this many connection attempts")
+    cstart.set_defaults(func=_cmd_client_start)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsilo", description="Privacy-preserving federated fine-tuning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_certs(sub)
+    _add_deployment(sub)
     b = sub.add_parser("budget", help="show a site's privacy ledger: spent, remaining, per round")
     b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     b.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,47 @@
+"""Start a department's Flower SuperNode from the site's own config: TLS, node key, site config as node config.
+
+The site config file (not the server's job) says where the data and the ledger are and what the budget is; the
+SuperNode hands its path to every ClientApp run as `node_config["site-config"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from client.site import SiteConfig
+from common import keys
+from common.certs import load_certificate
+from common.errors import ConfigError
+from common.runtime import check_port_free, flower_tool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIENTAPP_PORT = 9094
+
+
+def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
+                      max_retries: int | None = None) -> list[str]:
+    """Validate the site config and return the `flower-supernode` invocation for it."""
+    site = SiteConfig.from_toml(site_config)
+    if not site.server:
+        raise ConfigError(f"Site config {site_config}: set 'server' (the coordination server's host:port).")
+    cmd = [flower_tool("flower-supernode"), "--superlink", site.server, "--port", str(port),
+           "--node-config", f'{keys.NODE_SITE_CONFIG}="{site_config.resolve()}"']
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if site.insecure:
+        if site.node_key:
+            raise ConfigError(f"Site config {site_config}: node authentication needs TLS; drop 'insecure' or "
+                              "'node_key'.")
+        log.warning("client: site %s connects WITHOUT TLS or node authentication (insecure = true): local "
+                    "development only.", site.name)
+        return [*cmd, "--insecure"]
+    for key, value in (("ca", site.ca), ("node_key", site.node_key)):
+        if not value:
+            raise ConfigError(f"Site config {site_config}: '{key}' is required for a TLS connection.")
+        if not Path(value).is_file():
+            raise ConfigError(f"Site config {site_config}: {key} file {value} does not exist.")
+    load_certificate(Path(site.ca))
+    check_port_free("127.0.0.1", port)
+    return [*cmd, "--root-certificates", site.ca, "--auth-supernode-private-key", site.node_key]

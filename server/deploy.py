@@ -1,0 +1,143 @@
+"""Run fedsilo for real with Flower's own deployment runtime: the SuperLink, node registration and jobs.
+
+fedsilo does not re-implement any of it: it checks its inputs, then drives `flower-superlink` and the `flwr` CLI
+with the right flags (TLS, node authentication, persistent state, no runtime dependency installation). The
+operator's `flwr` connection lives in `<state-dir>/flwr-home/config.toml` (Flower's FLWR_HOME).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.certs import check_certificate
+from common.config import JobConfig, RunConfig, check_known_keys
+from common.errors import ConfigError
+from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedsilo"
+CA_FILE, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+DEFAULT_PORT = 47100
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's state directory: SuperLink database and the operator's Flower connection."""
+
+    root: Path
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "superlink.db"
+
+    def env(self) -> dict[str, str]:
+        return tool_env({**os.environ, "FLWR_HOME": str(self.flwr_home)})
+
+    def write_connection(self, address: str, ca: Path | None) -> None:
+        """Point the operator's `flwr` CLI at the SuperLink (TLS with `ca`, or plaintext when None)."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        tls = f'root-certificates = "{ca.resolve()}"' if ca is not None else "insecure = true"
+        text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}\n'
+        tmp = self.flwr_home / "config.toml.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.flwr_home / "config.toml")
+
+    def require_connection(self) -> None:
+        if not (self.flwr_home / "config.toml").is_file():
+            raise ConfigError(f"{self.root} is not a fedsilo server state directory: run `fedsilo server start "
+                              f"--state-dir {self.root}` first.")
+
+
+def superlink_command(state: ServerState, certs: Path | None, host: str, port: int) -> list[str]:
+    """The `flower-superlink` invocation: TLS + node authentication, or plaintext when `certs` is None."""
+    cmd = [flower_tool("flower-superlink"), "--host", host, "--port", str(port), "--database", str(state.database),
+           "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(certs / CA_FILE), "--ssl-certfile", str(certs / SERVER_CERT),
+            "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth"]
+
+
+def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *, insecure: bool) -> list[str]:
+    """Check certificates and port, write the operator's connection, return the SuperLink command."""
+    if certs is None and not insecure:
+        raise ConfigError("TLS certificates are required (--certs DIR from `fedsilo certs init`); plaintext only with "
+                          "--insecure, for local development.")
+    if certs is not None and insecure:
+        raise ConfigError("--certs and --insecure exclude each other.")
+    if certs is not None:
+        for name in (CA_FILE, SERVER_CERT, SERVER_KEY):
+            if not (certs / name).is_file():
+                raise ConfigError(f"{certs / name} is missing (create it with `fedsilo certs init`).")
+        check_certificate(certs / SERVER_CERT, certs / CA_FILE)
+    check_port_free(host, port)
+    state = ServerState(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state.write_connection(f"{host}:{port}", certs / CA_FILE if certs is not None else None)
+    return superlink_command(state, certs, host, port)
+
+
+def _flwr(state: ServerState, *args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
+    state.require_connection()
+    cmd = [flower_tool("flwr"), *args]
+    log.debug("flwr: %s", shlex.join(cmd))
+    return subprocess.run(cmd, env=state.env(), capture_output=capture, text=True, check=False)
+
+
+def register_node(state_dir: Path, public_key: Path, name: str) -> str:
+    if not public_key.is_file():
+        raise ConfigError(f"Public key {public_key} does not exist.")
+    proc = _flwr(ServerState(state_dir), "supernode", "register", str(public_key), CONNECTION, "--name", name)
+    if proc.returncode != 0 or "registered successfully" not in proc.stdout:
+        raise DeploymentError(f"Registering {public_key} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
+    return proc.stdout.strip()
+
+
+def list_nodes(state_dir: Path) -> str:
+    proc = _flwr(ServerState(state_dir), "supernode", "list", CONNECTION)
+    if proc.returncode != 0:
+        raise DeploymentError(f"Listing nodes failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
+    return proc.stdout
+
+
+def app_dir() -> Path:
+    """The Flower app directory (fedsilo's pyproject.toml with [tool.flwr.app]) that jobs are built from."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise DeploymentError(f"No pyproject.toml beside fedsilo's packages in {root}: submit jobs from a fedsilo "
+                              "checkout (pip install -e .).")
+    return root
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if "'" in value:
+        raise ConfigError(f"Config value {value!r} must not contain a single quote.")
+    return f"'{value}'"
+
+
+def submit_job(state_dir: Path, rc: RunConfig) -> int:
+    """Validate the job here, then `flwr run` it on the SuperLink and stream its log until it ends."""
+    check_known_keys(rc)
+    job = JobConfig.from_run_config(rc)
+    if not job.label_names:
+        raise ConfigError("A deployed job must name its labels (--labels a,b): the server holds no data.")
+    if not job.out_dir:
+        raise ConfigError("A deployed job needs an output directory on the server (--out).")
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
+    proc = _flwr(ServerState(state_dir), "run", str(app_dir()), CONNECTION, "--run-config", overrides, "--stream",
+                 capture=False)
+    return proc.returncode
