@@ -83,7 +83,10 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
     check_port_free(host, port)
     state = ServerState(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    state.write_connection(f"{host}:{port}", certs / CA_FILE if certs is not None else None)
+    # The operator's flwr CLI runs on the server host: a wildcard listen address is reached over loopback (so the
+    # server certificate needs a 127.0.0.1 SAN for it).
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    state.write_connection(f"{local}:{port}", certs / CA_FILE if certs is not None else None)
     return superlink_command(state, certs, host, port)
 
 
