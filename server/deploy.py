@@ -85,7 +85,7 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
     state_dir.mkdir(parents=True, exist_ok=True)
     # The operator's flwr CLI runs on the server host: a wildcard listen address is reached over loopback (so the
     # server certificate needs a 127.0.0.1 SAN for it).
-    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)  # noqa: S104 (mapping a wildcard to loopback, not binding)
     state.write_connection(f"{local}:{port}", certs / CA_FILE if certs is not None else None)
     return superlink_command(state, certs, host, port)
 
