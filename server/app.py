@@ -66,7 +66,8 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
         out_dir = run_out_dir(job, context.run_id)
         built = build_model(job, len(job.label_names))
         initial = get_trainable(built.model)
-        recorder = RunRecorder(config=as_run_config(job, sim), out_dir=out_dir)
+        shared_budget = sim.sim_epsilon if simulation and not sim.site_epsilon_overrides() else None
+        recorder = RunRecorder(config=as_run_config(job, sim), out_dir=out_dir, budget=shared_budget)
         central = central_evaluator(job, sim, out_dir) if simulation and sim.sim_global_eval else None
 
         def after_round(rec: RunRecorder) -> None:

@@ -65,6 +65,7 @@ class RunRecorder:
     departments: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {n_train, n_test}
     rounds: list[RoundRecord] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
+    budget: float | None = None  # one budget shared by every site (simulation), drawn on the epsilon plot
 
     def round(self, server_round: int) -> RoundRecord:
         if not self.rounds or self.rounds[-1].round != server_round:
@@ -114,6 +115,15 @@ class RunRecorder:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
+        def finish(fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> None:
+            ax.set(xlabel="round", ylabel=ylabel, title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+
         xs = [r.round for r in self.rounds]
         names = sorted({n for r in self.rounds for n in r.departments})
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -121,24 +131,11 @@ class RunRecorder:
         for name in names:
             ax.plot(xs, [r.departments[name].accuracy if name in r.departments else None for r in self.rounds],
                     "--o", label=name)
-        ax.set(xlabel="round", ylabel="accuracy", title="Accuracy of the global model")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.out_dir / ACCURACY_PNG, dpi=110)
-        plt.close(fig)
+        finish(fig, ax, self.out_dir / ACCURACY_PNG, "accuracy", "Accuracy of the global model")
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name in names:
             ax.plot(xs, [r.departments[name].epsilon if name in r.departments else None for r in self.rounds],
                     "-o", label=name)
-        budget = self.config.get("sim-epsilon")
-        if isinstance(budget, int | float):
-            ax.axhline(budget, color="red", ls=":", label="budget")
-        ax.set(xlabel="round", ylabel="epsilon spent (site ledger)", title="Privacy spent per department")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.out_dir / EPSILON_PNG, dpi=110)
-        plt.close(fig)
+        if self.budget is not None:
+            ax.axhline(self.budget, color="red", ls=":", label="budget")
+        finish(fig, ax, self.out_dir / EPSILON_PNG, "epsilon spent (site ledger)", "Privacy spent per department")
