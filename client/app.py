@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Context, Message
@@ -18,12 +19,13 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.runner import Department
-from client.site import resolve_site
 from common import keys
 from common.config import JobConfig, RunConfig, SimulationConfig
-from common.data import cache_dir
 from common.errors import SecureAggregationError
+from common.paths import cache_dir
+
+if TYPE_CHECKING:
+    from client.runner import Department
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ class DepartmentClient(NumPyClient):
 
 
 def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
+    # Imported here, not at module level: Flower starts a fresh process for every message, and three of SecAgg+'s
+    # four stages never reach the department's code; they should not pay for importing torch and transformers.
+    from client.runner import Department
+    from client.site import resolve_site
+
     rc: RunConfig = {**context.run_config, **overrides}
     job = JobConfig.from_run_config(rc)
     sim = SimulationConfig.from_run_config(rc)

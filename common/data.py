@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError
+from common.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,6 @@ NEGATIVE, POSITIVE = "negative", "positive"
 
 TEXT, LABEL, DEPARTMENT = "text", "label", "department"
 MAX_TEXT_CHARS = 100_000  # longer cells are almost certainly not a text snippet (e.g. a whole file pasted)
-
-
-def cache_dir() -> Path:
-    """The user's cache directory for fedsilo (`$FEDSILO_CACHE`, else `$XDG_CACHE_HOME/fedsilo`)."""
-    if env := os.environ.get("FEDSILO_CACHE"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedsilo"
 
 
 def _sha256(path: Path) -> str:
