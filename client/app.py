@@ -20,7 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
-from common.config import JobConfig, RunConfig, SimulationConfig
+from common.config import JobConfig
 from common.errors import SecureAggregationError
 from common.paths import cache_dir
 
@@ -58,10 +58,9 @@ def _department(context: Context, overrides: Mapping[str, bool | int | float | s
     # four stages never reach the department's code; they should not pay for importing torch and transformers.
     from client.runner import Department
     from client.site import resolve_site
+    from common.data import resolve_job
 
-    rc: RunConfig = {**context.run_config, **overrides}
-    job = JobConfig.from_run_config(rc)
-    sim = SimulationConfig.from_run_config(rc)
+    job, sim = resolve_job({**context.run_config, **overrides})
     site = resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
     return Department(site, job, str(context.run_id))
 

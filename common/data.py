@@ -6,6 +6,7 @@ and splits each department deterministically into train and test. Tokenisation l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.config import JobConfig, RunConfig, SimulationConfig
 from common.errors import DataError
 from common.paths import cache_dir
 
@@ -221,3 +223,14 @@ def frame_labels_and_departments(source: str, text_column: str, label_column: st
     """Label set and department names of a simulation data source."""
     frame = load_source(source, text_column, label_column, department_column)
     return labels_of(frame), departments_of(frame)
+
+
+def resolve_job(rc: RunConfig) -> tuple[JobConfig, SimulationConfig]:
+    """Parse both configs; a job without labels takes the simulation data's label set."""
+    job, sim = JobConfig.from_run_config(rc), SimulationConfig.from_run_config(rc)
+    if not job.label_names:
+        labels, _ = frame_labels_and_departments(sim.sim_data, sim.sim_text_column, sim.sim_label_column,
+                                                 sim.sim_department_column)
+        job = dataclasses.replace(job, labels=",".join(labels))
+        job.validate()
+    return job, sim

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,8 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import run_out_dir
 from client.site import simulated_sites
-from common.config import JobConfig, RunConfig, SimulationConfig, as_run_config
-from common.data import frame_labels_and_departments
+from common.config import JobConfig, SimulationConfig, as_run_config
+from common.data import resolve_job
 from common.model import base_fingerprint, build_model, device
 from common.params import get_trainable, set_trainable
 from common.text import encode, evaluate
@@ -24,17 +23,6 @@ from server.secagg import run_workflow
 from server.strategy import CentralEval, FedSiloStrategy, RoundHook
 
 log = logging.getLogger(__name__)
-
-
-def resolve_job(rc: RunConfig) -> tuple[JobConfig, SimulationConfig]:
-    """Parse both configs; a job without labels takes the simulation data's label set."""
-    job, sim = JobConfig.from_run_config(rc), SimulationConfig.from_run_config(rc)
-    if not job.label_names:
-        labels, _ = frame_labels_and_departments(sim.sim_data, sim.sim_text_column, sim.sim_label_column,
-                                                 sim.sim_department_column)
-        job = dataclasses.replace(job, labels=",".join(labels))
-        job.validate()
-    return job, sim
 
 
 def central_evaluator(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> CentralEval:

@@ -18,8 +18,9 @@ import torch
 from client.app import build_client_app
 from client.site import simulated_sites
 from common.config import check_known_keys
+from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
-from server.app import build_server_app, resolve_job
+from server.app import build_server_app
 from server.report import REPORT_JSON, RunRecorder
 
 log = logging.getLogger(__name__)
