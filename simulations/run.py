@@ -17,7 +17,7 @@ import torch
 
 from client.app import build_client_app
 from client.site import simulated_sites
-from common.config import check_known_keys
+from common.config import JobConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
 from server.app import build_server_app
@@ -30,8 +30,12 @@ class SimulationFailedError(FedsiloError):
     """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
 
 
-def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> dict[str, bool | int | float | str]:
-    """Validate the run config, fix labels and a tight SecAgg+ max weight, refuse to overwrite a run."""
+def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> tuple[dict[str, bool | int | float | str],
+                                                                             JobConfig, int]:
+    """Validate the run config, fix labels and a tight SecAgg+ max weight, refuse to overwrite a run.
+
+    Returns the completed run config, the job it describes and the number of departments.
+    """
     check_known_keys(rc)
     if (out_dir / REPORT_JSON).exists():
         raise ConfigError(f"{out_dir} already holds a run ({REPORT_JSON}); choose another --out.")
@@ -43,23 +47,19 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> dict[str,
     sites = simulated_sites(job, sim, out_dir.resolve())
     if len(sites) < job.min_departments:
         raise ConfigError(f"The data has {len(sites)} department(s); the job needs at least {job.min_departments}.")
-    if job.secagg and len(sites) < 2:
-        raise ConfigError("SecAgg+ needs at least 2 departments.")
     sizes = {s.name: len(s.load_split(job.label_names).train_texts) for s in sites}
     small = {n: k for n, k in sizes.items() if k < 2}
     if small:
         raise ConfigError(f"Department(s) with fewer than 2 training examples: {small}.")
     if "secagg-max-weight" not in rc:
         rc["secagg-max-weight"] = float(max(sizes.values()))  # tightest weight bound: least quantisation error
-    return rc
+    return rc, JobConfig.from_run_config(rc), len(sites)
 
 
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0) -> dict[str, Any]:
     """Run the simulation; returns the report. Raises on bad config or if the rounds did not complete."""
-    rc = prepare(rc, out_dir)
-    job, sim = resolve_job(rc)
-    n_sites = len(simulated_sites(job, sim, out_dir.resolve()))
+    rc, job, n_sites = prepare(rc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
     backend_config = {
