@@ -62,10 +62,23 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
     return [*cmd, "--root-certificates", site.ca, "--auth-supernode-private-key", site.node_key]
 
 
+REFUSED_EXIT = 126
+
+
 def install_gate(parent: Path | None = None) -> Path:
-    """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`."""
+    """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, and, for every other
+    app process Flower's executor can start by name (agent apps, connectors, ...; each would load the job's own
+    bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     bin_dir = Path(tempfile.mkdtemp(prefix="fedsilo-gate-", dir=parent))  # mode 0700
-    script = bin_dir / FLOWER_CLIENTAPP
-    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m client.gate \"$@\"\n", encoding="utf-8")
-    script.chmod(0o700)
+    for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP}:
+        if command == FLOWER_CLIENTAPP:
+            body = f"exec {shlex.quote(sys.executable)} -m client.gate \"$@\""
+        else:
+            body = (f"echo 'fedsilo: this site runs only its own ClientApp; refusing {command}' >&2\n"
+                    f"exit {REFUSED_EXIT}")
+        script = bin_dir / command
+        script.write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+        script.chmod(0o700)
     return bin_dir

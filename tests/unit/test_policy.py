@@ -4,6 +4,7 @@ the site's admission check, per-job epsilon planning, and the SuperLink's operat
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from client.deploy import install_gate, supernode_command
+from client.deploy import REFUSED_EXIT, install_gate, supernode_command
 from client.gate import admit
 from client.ledger import Ledger, LedgerEntry
 from client.policy import INSTALLED, SitePolicy
@@ -128,11 +129,20 @@ def test_client_start_refuses_a_site_that_approves_no_app(tmp_path: Path) -> Non
         supernode_command(path)
 
 
-def test_gate_takes_the_place_of_flowers_clientapp(tmp_path: Path) -> None:
+def test_gate_takes_the_place_of_flowers_app_processes(tmp_path: Path) -> None:
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     bin_dir = install_gate(tmp_path)
+    assert bin_dir.stat().st_mode & 0o777 == 0o700
     script = bin_dir / "flwr-clientapp"
     assert script.stat().st_mode & 0o777 == 0o700
     assert "-m client.gate" in script.read_text()
+    others = set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}
+    assert "flwr-agentapp" in others
+    for command in others:  # every other app process Flower could start would load the job's bundle: refused
+        proc = subprocess.run([str(bin_dir / command), "--token", "t"], capture_output=True, text=True, check=False)
+        assert proc.returncode == REFUSED_EXIT
+        assert f"refusing {command}" in proc.stderr
 
 
 def _ledger(entries: list[tuple[str, float, float, int]]) -> Ledger:
