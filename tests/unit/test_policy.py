@@ -88,6 +88,12 @@ def _copy_app(dest: Path) -> Path:
     return dest
 
 
+def test_the_bundle_is_the_one_flwr_run_submits() -> None:
+    from flwr.cli.build import build_fab_from_disk  # walks the whole checkout, .venv included: slow, once
+
+    assert build_bundle(app_dir()) == build_fab_from_disk(app_dir())
+
+
 def test_the_bundle_digest_names_the_code_and_nothing_else(tmp_path: Path) -> None:
     copy = _copy_app(tmp_path / "copy")
     (copy / "README.md").write_text("docs do not travel with the job\n")
