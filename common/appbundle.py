@@ -8,6 +8,7 @@ it is the same hash Flower itself gives the FAB (`flwr ls`).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def build_bundle(app: Path) -> bytes:
         return build_fab_from_files(_candidate_files(app))[0]
     except ValueError as exc:
         raise ConfigError(f"Cannot build the app bundle of {app}: {exc}") from exc
+
+
+def stage_app(app: Path, dest: Path) -> Path:
+    """Copy the files the app's bundle is built from into `dest` (for `flwr run dest`: the same bundle, without
+    Flower walking the whole checkout)."""
+    for rel, src in _candidate_files(app).items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    return dest
 
 
 def bundle_digest(fab: bytes) -> str:

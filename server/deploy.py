@@ -13,11 +13,12 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.appbundle import app_dir
+from common.appbundle import app_dir, stage_app
 from common.certs import check_certificate
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError
@@ -147,6 +148,8 @@ def submit_job(state_dir: Path, rc: RunConfig, app: Path | None = None) -> int:
     if not job.out_dir:
         raise ConfigError("A deployed job needs an output directory on the server (--out).")
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
-    proc = _flwr(ServerState(state_dir), "run", str(app or app_dir()), CONNECTION, "--run-config", overrides,
-                 "--stream", capture=False)
+    with tempfile.TemporaryDirectory(prefix="fedsilo-app-") as staged:
+        stage_app(app or app_dir(), Path(staged))
+        proc = _flwr(ServerState(state_dir), "run", staged, CONNECTION, "--run-config", overrides, "--stream",
+                     capture=False)
     return proc.returncode

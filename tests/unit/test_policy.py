@@ -19,7 +19,7 @@ from client.ledger import Ledger, LedgerEntry
 from client.policy import INSTALLED, SitePolicy
 from client.runner import Department
 from client.site import SiteConfig
-from common.appbundle import app_dir, build_bundle, bundle_digest, normalise_digest
+from common.appbundle import app_dir, build_bundle, bundle_digest, normalise_digest, stage_app
 from common.config import JobConfig
 from common.errors import ConfigError, PolicyError
 from common.privacy import epsilon_spent
@@ -92,6 +92,13 @@ def test_the_bundle_is_the_one_flwr_run_submits() -> None:
     from flwr.cli.build import build_fab_from_disk  # walks the whole checkout, .venv included: slow, once
 
     assert build_bundle(app_dir()) == build_fab_from_disk(app_dir())
+
+
+def test_a_staged_app_builds_the_same_bundle(tmp_path: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    stage_app(app_dir(), tmp_path)
+    assert build_fab_from_disk(tmp_path) == build_bundle(app_dir())  # what `fedsilo server run` submits
 
 
 def test_the_bundle_digest_names_the_code_and_nothing_else(tmp_path: Path) -> None:
