@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import pickle
 import platform
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -88,7 +89,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise ConfigError(f"Cannot resume: {path} does not exist (no round of a run was started in {run_dir}).")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"Cannot resume: {path} is not a readable checkpoint ({exc}).") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__

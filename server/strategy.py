@@ -8,6 +8,7 @@ The aggregate is validated too: if it is unusable the previous global model is k
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,19 @@ RoundHook = Callable[[RunRecorder], None]
 
 def _scalar(metrics: dict[str, Scalar], key: str, default: Any = None) -> Any:
     return metrics.get(key, default)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FAILURE_TEXT_CHARS = 400
+
+
+def failure_text(exc: BaseException) -> str:
+    """A department failure for the report: the end of its message (where the cause is), without the Ray
+    traceback and terminal colours that precede it in simulation."""
+    text = _ANSI.sub("", str(exc)).replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)]
+    tail = " | ".join(lines[-3:]) if lines else type(exc).__name__
+    return tail[-FAILURE_TEXT_CHARS:]
 
 
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
@@ -89,7 +103,7 @@ class FedSiloStrategy(FedAvg):
         record.failures = len(failures)
         for exc in failures:
             log.warning("aggregate_fit: round %s: a department failed: %s", server_round, exc)
-            record.errors.append(str(exc)[:500])
+            record.errors.append(failure_text(exc))
         accepted: list[tuple[ClientProxy, FitRes]] = []
         for proxy, res in results:
             name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
@@ -136,7 +150,7 @@ class FedSiloStrategy(FedAvg):
         record.failures = len(failures)
         # Another attempt follows while retries are left (secagg.ReportingSecAggPlusWorkflow).
         record.attempts = max(record.attempts, min(attempt + 1, self.job.round_retries + 1))
-        record.errors.extend(f"attempt {attempt}: {str(exc)[:500]}" for exc in failures)
+        record.errors.extend(f"attempt {attempt}: {failure_text(exc)}" for exc in failures)
         record.aggregate = "kept_previous: secure aggregation halted (too few departments)"
         log.error("round %s: secure aggregation halted (attempt %d); %d department failure(s)", server_round,
                   attempt, len(failures))

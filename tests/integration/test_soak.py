@@ -1,0 +1,48 @@
+"""Soak: 50 departments x 5 rounds of the tiny model with DP-SGD and SecAgg+ in one simulation; memory stays flat.
+
+The report records the peak RSS of the server's whole process tree (ServerApp, Ray's GCS and raylet, the Ray
+workers running the departments) per round. Round 1 starts the workers and imports torch in them, so memory is
+compared from round 2 on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from simulations.run import simulate
+from tests.conftest import TINY_JOB, make_department_frame
+
+pytestmark = pytest.mark.slow
+
+log = logging.getLogger(__name__)
+
+DEPARTMENTS = 50
+ROUNDS = 5
+ROWS = 16  # 12 training examples (one DP-SGD step per round at batch size 8), 4 held out
+# Growth allowed from round 2 to any later round: a leak of one model or data copy per department per round
+# (50 x 5 rounds) would exceed it many times over; allocator noise and Ray's own bookkeeping stay below it.
+TOLERANCE_MIB = 100.0
+TOLERANCE_FRACTION = 0.05
+
+
+def test_fifty_departments_five_rounds_memory_is_flat(tmp_path: Path) -> None:
+    data = tmp_path / "departments.csv"
+    make_department_frame({f"dept{i:02d}": ROWS for i in range(DEPARTMENTS)}).to_csv(data, index=False)
+    rc = {**TINY_JOB, "num-server-rounds": ROUNDS, "sim-data": str(data), "local-epochs": 0.1,
+          "sim-global-eval": False}
+    report = simulate(rc, tmp_path / "out")
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(r["aggregate"] == "applied" for r in rounds)
+    for r in rounds:
+        trained = [d for d in r["departments"].values() if d["status"] == "trained"]
+        assert len(trained) == DEPARTMENTS
+    peaks = [r["peak_rss_mb"] for r in rounds]
+    log.info("soak: peak RSS per round (MiB): %s; seconds per round: %s", peaks, [r["seconds"] for r in rounds])
+    assert all(p is not None and p > 0 for p in peaks)
+    reference = peaks[1]
+    limit = reference * (1 + TOLERANCE_FRACTION) + TOLERANCE_MIB
+    assert max(peaks[2:]) <= limit, f"peak RSS grew across rounds: {peaks} MiB (limit {limit:.0f})"
