@@ -7,7 +7,7 @@ which SecAgg+ requires in Flower 1.41.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
@@ -65,8 +65,10 @@ def _department(context: Context, overrides: Mapping[str, bool | int | float | s
     return Department(site, job, str(context.run_id))
 
 
-def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None) -> ClientApp:
-    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation)."""
+def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None,
+                     mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation); `mods` are
+    extra Flower client mods that run around fedsilo's own (outermost first)."""
     fixed = dict(overrides or {})
 
     def client_fn(context: Context) -> Client:
@@ -83,7 +85,7 @@ def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = 
                                          "request; refusing to send an update in the clear.")
         return call_next(msg, ctxt)
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_guard_mod])
+    return ClientApp(client_fn=client_fn, mods=[*mods, secagg_guard_mod])
 
 
 app = build_client_app()

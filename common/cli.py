@@ -60,6 +60,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="any run-config key of pyproject.toml's [tool.flwr.app.config] (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", type=Path, metavar="OUT",
+                   help="continue the interrupted simulation in OUT from its last completed round (other options "
+                        "may only repeat its job, except min-departments and round-retries)")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -88,6 +91,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.run import simulate
 
     rc = _simulate_config(args)
+    if args.resume is not None:
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise FedsiloError("--out and --resume name different directories; --resume OUT continues the run "
+                               "in OUT.")
+        args.out = args.resume
     if args.out is None:
         args.out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     console = Console(stderr=True)
@@ -103,7 +111,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             progress.update(task, completed=last.round, description=f"global accuracy {acc}",
                             total=rec.config["num-server-rounds"])  # type: ignore[attr-defined]
 
-        report = simulate(rc, args.out, on_round=on_round)
+        report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None)
     final = report["final"]
     print(f"Simulation finished: {len(report['rounds'])} rounds, global held-out accuracy "
           f"{final['global_accuracy']:.4f}")
@@ -247,14 +255,22 @@ def _cmd_server_nodes(args: argparse.Namespace) -> int:
 
 def _cmd_server_run(args: argparse.Namespace) -> int:
     from common.errors import FedsiloError
+    from server.checkpoint import CHECKPOINT
     from server.deploy import submit_job
     from server.report import REPORT_JSON
+    from server.resume import resume_job
 
-    out = args.out.resolve()
-    if (out / REPORT_JSON).exists():
-        raise FedsiloError(f"{out} already holds a run ({REPORT_JSON}); choose another --out.")
+    if args.resume is None and (args.out is None or args.labels is None):
+        raise FedsiloError("--out and --labels are required (unless --resume RUN_DIR continues a run).")
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise FedsiloError("--out and --resume name different directories; --resume RUN_DIR continues that run.")
+    out = (args.resume or args.out).resolve()
+    if args.resume is None and ((out / REPORT_JSON).exists() or (out / CHECKPOINT).exists()):
+        raise FedsiloError(f"{out} already holds a run; choose another --out, or continue it with --resume {out}.")
     rc: dict[str, bool | int | float | str] = dict(args.config)
-    rc.update({"labels": args.labels, "out-dir": str(out)})
+    if args.labels is not None:
+        rc["labels"] = args.labels
+    rc["out-dir"] = str(out)
     for attr, key in {"rounds": "num-server-rounds", "model": "model", "finetune": "finetune"}.items():
         if getattr(args, attr) is not None:
             rc[key] = getattr(args, attr)
@@ -262,6 +278,8 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         rc["secagg"] = False
     if args.no_dp:
         rc["dp"] = False
+    if args.resume is not None:
+        rc = resume_job(out, rc)
     status = submit_job(args.state_dir, rc, args.app)
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
@@ -308,8 +326,11 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     nodes.set_defaults(func=_cmd_server_nodes)
     run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end")
     run.add_argument("--state-dir", type=Path, required=True)
-    run.add_argument("--out", type=Path, required=True, help="where the server writes report, CSV, plots")
-    run.add_argument("--labels", required=True, help="class names in label order, e.g. negative,positive")
+    run.add_argument("--out", type=Path, help="where the server writes report, CSV, plots (required)")
+    run.add_argument("--labels", help="class names in label order, e.g. negative,positive (required)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue the interrupted job in RUN_DIR from its last completed round (its job config "
+                          "comes from the checkpoint; other options may only repeat it)")
     run.add_argument("--rounds", type=int)
     run.add_argument("--model", help="'minilm', 'tiny-random' or a model directory present on every host")
     run.add_argument("--finetune", choices=["lora", "full"])

@@ -94,6 +94,8 @@ class JobConfig:
     seed: int = 0  # base seed (model init for tiny-random, sampling)
     min_departments: int = 2  # departments that must be online before a round starts
     out_dir: str = ""  # where the server writes report, CSV, plots and checkpoints ("" = none)
+    resume: bool = False  # continue the run whose checkpoint is in out-dir (`--resume`), from its last round
+    round_retries: int = 1  # times a round whose secure aggregation halted is retried before it counts as failed
 
     @classmethod
     def from_run_config(cls, rc: RunConfig) -> JobConfig:
@@ -137,6 +139,10 @@ class JobConfig:
             raise ConfigError("Config key 'secagg-reconstruction-threshold' must be a fraction in (0, 1].")
         if self.secagg_quantization_range >= 2**32:
             raise ConfigError("Config key 'secagg-quantization-range' must be below the SecAgg+ modulus 2**32.")
+        if self.round_retries < 0:
+            raise ConfigError(f"Config key 'round-retries' must be at least 0, got {self.round_retries}.")
+        if self.resume and not self.out_dir:
+            raise ConfigError("Config key 'resume' needs 'out-dir': the directory holding the run's checkpoint.")
         if self.min_departments < 1:
             raise ConfigError(f"Config key 'min-departments' must be at least 1, got {self.min_departments}.")
         if self.secagg and self.min_departments < 2:

@@ -28,6 +28,7 @@ STATUS_DECLINED_BUDGET: Final = "declined_budget"
 STATUS_DECLINED_POLICY: Final = "declined_policy"
 STATUS_FAILED: Final = "failed"
 STATUS_NOT_SEEN: Final = "not_seen"
+STATUS_DROPPED: Final = "dropped"  # sampled, but stopped answering before its update was aggregated
 
 # Node-config keys (simulation sets partition-id/num-partitions; deployment sets site-config).
 NODE_PARTITION_ID: Final = "partition-id"

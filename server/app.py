@@ -18,7 +18,9 @@ from common.model import base_fingerprint, build_model, device
 from common.params import get_trainable, set_trainable
 from common.text import encode, evaluate
 from server.checkpoint import save_checkpoint
+from server.memory import PeakMemoryMonitor
 from server.report import RunRecorder
+from server.resume import resume_state
 from server.secagg import run_workflow
 from server.strategy import CentralEval, FedSiloStrategy, RoundHook
 
@@ -53,20 +55,36 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
         job, sim = resolve_job(rc)
         out_dir = run_out_dir(job, context.run_id)
         built = build_model(job, len(job.label_names))
-        initial = get_trainable(built.model)
+        run_config = as_run_config(job, sim)
         shared_budget = sim.sim_epsilon if simulation and not sim.site_epsilon_overrides() else None
-        recorder = RunRecorder(config=as_run_config(job, sim), out_dir=out_dir, budget=shared_budget)
+        if job.resume:
+            start = resume_state(out_dir, built.model, run_config, shared_budget)
+            initial, recorder, completed = start.initial, start.recorder, start.completed
+        else:
+            initial, completed = get_trainable(built.model), 0
+            recorder = RunRecorder(config=run_config, out_dir=out_dir, budget=shared_budget)
         central = central_evaluator(job, sim, out_dir) if simulation and sim.sim_global_eval else None
+        memory = PeakMemoryMonitor()
+
+        def checkpoint(arrays: list[np.ndarray], server_round: int) -> None:
+            if job.out_dir:
+                save_checkpoint(out_dir, built.model, arrays, job, server_round, run_config=run_config,
+                                report=recorder.to_dict())
 
         def after_round(rec: RunRecorder) -> None:
-            save_checkpoint(out_dir, built.model, strategy.global_arrays, job, rec.rounds[-1].round)
+            rec.rounds[-1].peak_rss_mb = memory.take_peak_mib()
+            rec.write()
+            checkpoint(strategy.global_arrays, rec.rounds[-1].round)
             if on_round is not None:
                 on_round(rec)
 
         strategy = FedSiloStrategy(job, initial, base_fingerprint(built.model), recorder, central, after_round)
         log.info("server: job with %d rounds, model %s (%s), %d trainable tensors, DP %s, SecAgg+ %s; out %s",
                  job.num_server_rounds, job.model, job.finetune, len(initial), job.dp, job.secagg, out_dir)
-        run_workflow(grid, context, job, strategy)
+        if completed == 0:
+            checkpoint(initial, 0)  # from now on the run can be resumed, even before its first round ends
+        with memory:
+            run_workflow(grid, context, job, strategy, completed)
         last = recorder.rounds[-1] if recorder.rounds else None
         eps = {name: d.epsilon for name, d in sorted(last.departments.items())} if last else {}
         recorder.final.update({

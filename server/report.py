@@ -32,6 +32,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
 
 
 def _finite(value: float | None) -> float | None:
@@ -56,6 +61,9 @@ class RoundRecord:
     failures: int = 0
     aggregate: str = "pending"  # "applied" | "kept_previous: <why>"
     errors: list[str] = field(default_factory=list)  # failure messages of departments this round
+    dropouts: list[dict[str, Any]] = field(default_factory=list)  # {department, node_id, stage, attempt}
+    attempts: int = 1  # fit attempts (a round whose secure aggregation halted may be retried)
+    peak_rss_mb: float | None = None  # peak resident memory of the server's process tree during the round
 
 
 @dataclass
@@ -66,6 +74,23 @@ class RunRecorder:
     rounds: list[RoundRecord] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     budget: float | None = None  # one budget shared by every site (simulation), drawn on the epsilon plot
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # {after_round, versions} per `--resume`
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], config: dict[str, Any], out_dir: Path | None,
+                  budget: float | None) -> RunRecorder:
+        """The recorder of a run being resumed: its rounds as recorded in `doc` (a `to_dict()` snapshot)."""
+        rounds = []
+        for r in doc["rounds"]:
+            rec = RoundRecord(round=int(r["round"]), seconds=float(r["seconds"]),
+                              global_accuracy=r["global_accuracy"], failures=int(r["failures"]),
+                              aggregate=str(r["aggregate"]), errors=list(r["errors"]),
+                              dropouts=list(r.get("dropouts", [])), attempts=int(r.get("attempts", 1)),
+                              peak_rss_mb=r.get("peak_rss_mb"))
+            rec.departments = {n: DepartmentRound(**d) for n, d in r["departments"].items()}
+            rounds.append(rec)
+        return cls(config=config, out_dir=out_dir, departments={n: dict(v) for n, v in doc["departments"].items()},
+                   rounds=rounds, budget=budget, resumes=list(doc.get("resumes", [])))
 
     def round(self, server_round: int) -> RoundRecord:
         if not self.rounds or self.rounds[-1].round != server_round:
@@ -82,10 +107,12 @@ class RunRecorder:
             "rounds": [
                 {"round": r.round, "seconds": round(r.seconds, 3), "global_accuracy": _finite(r.global_accuracy),
                  "failures": r.failures, "aggregate": r.aggregate, "errors": r.errors,
+                 "attempts": r.attempts, "dropouts": r.dropouts, "peak_rss_mb": r.peak_rss_mb,
                  "departments": {n: {k: v for k, v in vars(d).items() if v is not None or k != "reason"}
                                  for n, d in sorted(r.departments.items())}}
                 for r in self.rounds
             ],
+            "resumes": self.resumes,
             "final": self.final,
         }
 
@@ -98,11 +125,12 @@ class RunRecorder:
     def _csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["round", "seconds", "global_accuracy", "department", "status", "epsilon", "accuracy"])
+        writer.writerow(["round", "seconds", "global_accuracy", "department", "status", "epsilon", "accuracy",
+                         "peak_rss_mb"])
         for r in self.rounds:
             for name, d in sorted(r.departments.items()):
                 writer.writerow([r.round, f"{r.seconds:.3f}", r.global_accuracy, name, d.status, d.epsilon,
-                                 d.accuracy])
+                                 d.accuracy, r.peak_rss_mb])
         return buf.getvalue()
 
     def plot(self) -> None:

@@ -8,6 +8,7 @@ The aggregate is validated too: if it is unusable the previous global model is k
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,19 @@ def _scalar(metrics: dict[str, Scalar], key: str, default: Any = None) -> Any:
     return metrics.get(key, default)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FAILURE_TEXT_CHARS = 400
+
+
+def failure_text(exc: BaseException) -> str:
+    """A department failure for the report: the end of its message (where the cause is), without the Ray
+    traceback and terminal colours that precede it in simulation."""
+    text = _ANSI.sub("", str(exc)).replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)]
+    tail = " | ".join(lines[-3:]) if lines else type(exc).__name__
+    return tail[-FAILURE_TEXT_CHARS:]
+
+
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
     """Why `arrays` cannot be an update of `reference` (count, shape, finiteness), or None if it can."""
     if len(arrays) != len(reference):
@@ -67,6 +81,8 @@ class FedSiloStrategy(FedAvg):
         self.on_round = on_round
         self.global_arrays = initial
         self._round_start = 0.0
+        self.node_names: dict[int, str] = {}  # node id -> department name, learned from their replies
+        self._asked: dict[str, set[int]] = {}  # "train"/"evaluate" -> node ids asked this round
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {keys.CFG_ROUND: server_round, keys.CFG_NUM_ROUNDS: self.job.num_server_rounds,
@@ -77,6 +93,7 @@ class FedSiloStrategy(FedAvg):
         self._round_start = time.perf_counter()
         self.global_arrays = parameters_to_ndarrays(parameters)
         pairs = super().configure_fit(server_round, parameters, client_manager)
+        self._asked["train"] = {proxy.node_id for proxy, _ in pairs}
         return [(proxy, FitIns(ins.parameters, self._config(server_round))) for proxy, ins in pairs]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -86,10 +103,11 @@ class FedSiloStrategy(FedAvg):
         record.failures = len(failures)
         for exc in failures:
             log.warning("aggregate_fit: round %s: a department failed: %s", server_round, exc)
-            record.errors.append(str(exc)[:500])
+            record.errors.append(failure_text(exc))
         accepted: list[tuple[ClientProxy, FitRes]] = []
         for proxy, res in results:
             name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
+            self.node_names[proxy.node_id] = name
             status = str(_scalar(res.metrics, keys.M_STATUS, keys.STATUS_FAILED))
             self.recorder.department(name)["n_train"] = int(_scalar(res.metrics, keys.M_NUM_EXAMPLES, 0))
             dept = DepartmentRound(status=status, epsilon=_scalar(res.metrics, keys.M_EPSILON),
@@ -104,6 +122,8 @@ class FedSiloStrategy(FedAvg):
                 log.error("aggregate_fit: round %s: rejected the update of %s: %s", server_round, name, why)
                 continue
             accepted.append((proxy, res))
+        if not self.job.secagg:  # under SecAgg+ the workflow reports dropouts stage by stage
+            self._record_missing(server_round, "train", {proxy.node_id for proxy, _ in results})
         if not accepted:
             record.aggregate = "kept_previous: no usable update"
             log.warning("aggregate_fit: round %s: no usable update; keeping the previous global model",
@@ -124,13 +144,35 @@ class FedSiloStrategy(FedAvg):
         self.global_arrays = new_global
         return ndarrays_to_parameters(new_global), {}
 
-    def record_halt(self, server_round: int, failures: list[BaseException]) -> None:
+    def record_halt(self, server_round: int, failures: list[BaseException], attempt: int = 1) -> None:
         """Secure aggregation halted this round (too few departments answered); record why."""
         record = self.recorder.round(server_round)
         record.failures = len(failures)
-        record.errors.extend(str(exc)[:500] for exc in failures)
+        # Another attempt follows while retries are left (secagg.ReportingSecAggPlusWorkflow).
+        record.attempts = max(record.attempts, min(attempt + 1, self.job.round_retries + 1))
+        record.errors.extend(f"attempt {attempt}: {failure_text(exc)}" for exc in failures)
         record.aggregate = "kept_previous: secure aggregation halted (too few departments)"
-        log.error("round %s: secure aggregation halted; %d department failure(s)", server_round, len(failures))
+        log.error("round %s: secure aggregation halted (attempt %d); %d department failure(s)", server_round,
+                  attempt, len(failures))
+
+    def record_dropouts(self, server_round: int, stage: str, node_ids: set[int], attempt: int = 1) -> None:
+        """Departments that stopped answering in `stage` (a SecAgg+ stage, "train" or "evaluate")."""
+        record = self.recorder.round(server_round)
+        record.attempts = max(record.attempts, attempt)
+        for node_id in sorted(node_ids):
+            name = self.node_names.get(node_id, f"node-{node_id}")
+            record.dropouts.append({"department": name, "node_id": node_id, "stage": stage, "attempt": attempt})
+            if stage not in ("unmask", "evaluate"):  # its update was not aggregated
+                record.departments[name] = DepartmentRound(status=keys.STATUS_DROPPED,
+                                                           reason=f"dropped out during {stage} (attempt {attempt})")
+        log.warning("round %s: %d department(s) dropped out during %s (attempt %d): %s", server_round,
+                    len(node_ids), stage, attempt, ", ".join(self.node_names.get(n, f"node-{n}")
+                                                             for n in sorted(node_ids)))
+
+    def _record_missing(self, server_round: int, stage: str, answered: set[int]) -> None:
+        missing = self._asked.get(stage, set()) - answered
+        if missing:
+            self.record_dropouts(server_round, stage, missing)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         """Central evaluation on the global held-out test (simulation only), after the last round."""
@@ -143,6 +185,7 @@ class FedSiloStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         pairs = super().configure_evaluate(server_round, parameters, client_manager)
+        self._asked["evaluate"] = {proxy.node_id for proxy, _ in pairs}
         return [(proxy, EvaluateIns(ins.parameters, self._config(server_round))) for proxy, ins in pairs]
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
@@ -152,6 +195,7 @@ class FedSiloStrategy(FedAvg):
         correct = total = 0
         for proxy, res in results:
             name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
+            self.node_names[proxy.node_id] = name
             dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
             dept.accuracy = float(_scalar(res.metrics, keys.M_ACCURACY, 0.0))
             dept.epsilon = _scalar(res.metrics, keys.M_EPSILON, dept.epsilon)
@@ -159,6 +203,7 @@ class FedSiloStrategy(FedAvg):
             self.recorder.department(name)["n_test"] = res.num_examples
             correct += int(_scalar(res.metrics, keys.M_CORRECT, 0))
             total += res.num_examples
+        self._record_missing(server_round, "evaluate", {proxy.node_id for proxy, _ in results})
         for name in self.recorder.departments:
             record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
         if record.aggregate == "pending":

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
 from client.site import simulated_sites
@@ -21,7 +22,9 @@ from common.config import JobConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
 from server.app import build_server_app
+from server.checkpoint import CHECKPOINT
 from server.report import REPORT_JSON, RunRecorder
+from server.resume import resume_job
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +33,22 @@ class SimulationFailedError(FedsiloError):
     """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
 
 
-def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> tuple[dict[str, bool | int | float | str],
-                                                                             JobConfig, int]:
+def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
+            resume: bool = False) -> tuple[dict[str, bool | int | float | str], JobConfig, int]:
     """Validate the run config, fix labels and a tight SecAgg+ max weight, refuse to overwrite a run.
 
-    Returns the completed run config, the job it describes and the number of departments.
+    With `resume`, the run config is the checkpoint's in `out_dir` (`rc` may only repeat it, or change what
+    `server.checkpoint.MAY_DIFFER_ON_RESUME` allows). Returns the completed run config, the job it describes and
+    the number of departments.
     """
     check_known_keys(rc)
-    if (out_dir / REPORT_JSON).exists():
-        raise ConfigError(f"{out_dir} already holds a run ({REPORT_JSON}); choose another --out.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a directory.")
     rc = {**rc, "out-dir": str(out_dir.resolve())}
+    if resume:
+        rc = resume_job(out_dir, rc)
+    elif (out_dir / REPORT_JSON).exists() or (out_dir / CHECKPOINT).exists():
+        raise ConfigError(f"{out_dir} already holds a run; choose another --out, or continue it with --resume.")
     job, sim = resolve_job(rc)
     rc["labels"] = job.labels
     sites = simulated_sites(job, sim, out_dir.resolve())
@@ -57,9 +64,14 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> tuple[dic
 
 
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
-             on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0) -> dict[str, Any]:
-    """Run the simulation; returns the report. Raises on bad config or if the rounds did not complete."""
-    rc, job, n_sites = prepare(rc, out_dir)
+             on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
+             resume: bool = False, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+    """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report.
+
+    `client_mods` run around every department's ClientApp (outermost first), as Flower client mods.
+    Raises on bad config or if the rounds did not complete.
+    """
+    rc, job, n_sites = prepare(rc, out_dir, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
     backend_config = {
@@ -70,7 +82,8 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
 
     log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
     run_simulation(server_app=build_server_app(rc, simulation=True, on_round=on_round),
-                   client_app=build_client_app(rc), num_supernodes=n_sites, backend_config=backend_config)
+                   client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
+                   backend_config=backend_config)
     report_path = out_dir / REPORT_JSON
     if not report_path.exists():
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")

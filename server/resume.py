@@ -1,0 +1,64 @@
+"""Continue a run from its checkpoint: global weights, completed rounds and report, after checking the job.
+
+The checkpoint is the source of truth: a round whose report was written but whose checkpoint was not (a crash
+between the two) is run again. The departments' ledgers are theirs and persist: a department that trained in a
+round that is run again is charged again (over-counting, never under-counting), and plans its noise from its
+remaining budget over the remaining rounds, which the resumed run numbers as the original would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from server.checkpoint import load_checkpoint, resume_config, warn_on_version_change
+from server.report import REPORT_JSON, RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+def resume_job(run_dir: Path, asked: RunConfig) -> dict[str, bool | int | float | str]:
+    """The run config that continues the run in `run_dir` (before submitting it): the checkpoint's, with what
+    `asked` may change. ConfigError if there is nothing to resume or `asked` changes the job."""
+    rc = resume_config(load_checkpoint(run_dir).run_config, {**asked, "out-dir": str(run_dir.resolve())}, run_dir)
+    report = run_dir / REPORT_JSON
+    try:
+        finished = report.exists() and bool(json.loads(report.read_text(encoding="utf-8")).get("final"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot resume: {report} is unreadable ({exc}).") from exc
+    if finished:
+        raise ConfigError(f"{run_dir}: the run already completed its {rc['num-server-rounds']} rounds; "
+                          "nothing to resume.")
+    return rc
+
+
+@dataclass
+class ResumeStart:
+    initial: list[np.ndarray]  # the global model after `completed` rounds
+    recorder: RunRecorder  # the report with rounds 1..completed
+    completed: int
+
+
+def resume_state(run_dir: Path, model: torch.nn.Module, run_config: RunConfig,
+                 budget: float | None) -> ResumeStart:
+    """What the resumed run starts from; ConfigError if there is no usable checkpoint or the job differs."""
+    ckpt = load_checkpoint(run_dir)
+    resume_config(ckpt.run_config, run_config, run_dir)
+    warn_on_version_change(ckpt.versions)
+    initial = ckpt.arrays_for(model)
+    report = {**ckpt.report, "rounds": [r for r in ckpt.report.get("rounds", []) if r["round"] <= ckpt.round]}
+    recorder = (RunRecorder.from_dict(report, dict(run_config), run_dir, budget) if "departments" in report
+                else RunRecorder(config=dict(run_config), out_dir=run_dir, budget=budget))
+    recorder.resumes.append({"after_round": ckpt.round, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "checkpoint_versions": ckpt.versions})
+    log.info("resume: %s: continuing after round %d of %s", run_dir, ckpt.round,
+             run_config.get("num-server-rounds"))
+    return ResumeStart(initial, recorder, ckpt.round)

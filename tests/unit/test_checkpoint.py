@@ -1,0 +1,188 @@
+"""Checkpoints and resume without Ray: round-trip, refusals, config compatibility, skipped rounds, dropout records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from common import keys
+from common.cli import main
+from common.config import JobConfig, SimulationConfig, as_run_config
+from common.errors import ConfigError, ParameterMismatchError
+from common.model import build_model
+from common.params import get_trainable
+from server.checkpoint import CHECKPOINT, MAY_DIFFER_ON_RESUME, load_checkpoint, resume_config, save_checkpoint
+from server.report import DepartmentRound, RunRecorder
+from server.resume import resume_state
+from server.secagg import skip_completed
+from server.strategy import FedSiloStrategy, failure_text
+
+JOB = JobConfig(model="tiny-random", labels="neg,pos", num_server_rounds=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(JOB, 2).model
+
+
+def _recorder(out: Path) -> RunRecorder:
+    rec = RunRecorder(config={"num-server-rounds": 3}, out_dir=out, budget=8.0)
+    rec.department("a").update(n_train=10, n_test=3)
+    r = rec.round(1)
+    r.seconds, r.global_accuracy, r.aggregate, r.peak_rss_mb = 1.5, 0.75, "applied", 123.4
+    r.departments["a"] = DepartmentRound(status="trained", epsilon=1.0, accuracy=0.7, n_test=3)
+    r.departments["b"] = DepartmentRound(status="dropped", reason="dropped out during unmask (attempt 1)")
+    r.dropouts.append({"department": "b", "node_id": 7, "stage": "unmask", "attempt": 1})
+    return rec
+
+
+def _save(out: Path, model, server_round: int = 1, job: JobConfig = JOB) -> Path:
+    arrays = [a + 1.0 for a in get_trainable(model)]
+    return save_checkpoint(out, model, arrays, job, server_round, run_config=as_run_config(job, SimulationConfig()),
+                           report=_recorder(out).to_dict())
+
+
+def test_checkpoint_round_trip_describes_itself(tmp_path: Path, model) -> None:
+    _save(tmp_path, model)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.round == 1
+    assert ckpt.run_config["model"] == "tiny-random" and ckpt.run_config["num-server-rounds"] == 3
+    assert set(ckpt.versions) >= {"torch", "flwr", "opacus", "transformers", "peft", "python"}
+    for got, base in zip(ckpt.arrays_for(model), get_trainable(model), strict=True):
+        np.testing.assert_array_equal(got, base + 1.0)
+    assert ckpt.report["rounds"][0]["dropouts"][0]["stage"] == "unmask"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary file left behind
+
+
+def test_recorder_round_trips_through_its_dict(tmp_path: Path) -> None:
+    rec = _recorder(tmp_path)
+    again = RunRecorder.from_dict(rec.to_dict(), rec.config, tmp_path, rec.budget)
+    assert again.to_dict() == rec.to_dict()
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path, model) -> None:
+    _save(tmp_path, model)
+    full = build_model(JobConfig(model="tiny-random", labels="neg,pos", finetune="full"), 2).model
+    with pytest.raises(ParameterMismatchError, match="do not fit this model"):
+        load_checkpoint(tmp_path).arrays_for(full)
+
+
+def test_missing_torn_or_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_checkpoint(tmp_path)
+    (tmp_path / CHECKPOINT).write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+    import torch
+
+    torch.save({"format": "something-else/9"}, tmp_path / CHECKPOINT)
+    with pytest.raises(ConfigError, match="something-else/9"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_config_allows_only_what_does_not_change_the_job(tmp_path: Path) -> None:
+    saved = as_run_config(JOB, SimulationConfig())
+    same = resume_config(saved, {"learning-rate": JOB.learning_rate, "num-server-rounds": 3.0}, tmp_path)
+    assert same["resume"] is True and same["learning-rate"] == JOB.learning_rate
+    moved = resume_config(saved, {"out-dir": "/elsewhere", "min-departments": 5, "round-retries": 0}, tmp_path)
+    assert (moved["out-dir"], moved["min-departments"], moved["round-retries"]) == ("/elsewhere", 5, 0)
+    for key, value in (("num-server-rounds", 5), ("model", "minilm"), ("dp", False), ("sim-epsilon", 1.0),
+                       ("labels", "pos,neg"), ("secagg-max-weight", 3.0)):
+        with pytest.raises(ConfigError, match=f"{key}: checkpoint"):
+            resume_config(saved, {key: value}, tmp_path)
+    with pytest.raises(ConfigError, match="not in the checkpoint"):
+        resume_config(saved, {"no-such-key": 1}, tmp_path)
+    assert "out-dir" in MAY_DIFFER_ON_RESUME and "model" not in MAY_DIFFER_ON_RESUME
+
+
+def test_resume_state_keeps_completed_rounds_only(tmp_path: Path, model) -> None:
+    _save(tmp_path, model, server_round=1)
+    start = resume_state(tmp_path, model, as_run_config(JOB, SimulationConfig()), 8.0)
+    assert start.completed == 1
+    assert [r.round for r in start.recorder.rounds] == [1]
+    assert start.recorder.resumes[0]["after_round"] == 1
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        resume_state(tmp_path, model, as_run_config(JobConfig(model="tiny-random", labels="neg,pos",
+                                                              num_server_rounds=4), SimulationConfig()), 8.0)
+
+
+def _context(current_round: int) -> Context:
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: current_round})
+    return ctx
+
+
+def test_completed_rounds_are_skipped() -> None:
+    ran: list[int] = []
+
+    def workflow(grid: object, context: Context) -> None:
+        ran.append(int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]))
+
+    wrapped = skip_completed(workflow, 2)
+    for rnd in (1, 2, 3, 4):
+        wrapped(None, _context(rnd))  # type: ignore[arg-type]
+    assert ran == [3, 4]
+    assert skip_completed(workflow, 0) is workflow
+
+
+def test_dropouts_and_halts_are_recorded_by_name(tmp_path: Path) -> None:
+    job = JobConfig(num_server_rounds=2, round_retries=1)
+    strategy = FedSiloStrategy(job, [np.zeros(2, np.float32)], "fp", RunRecorder({}, tmp_path))
+    strategy.node_names[11] = "oncology"
+    strategy.record_dropouts(1, "collect_masked_vectors", {11, 12})
+    strategy.record_dropouts(1, "unmask", {11})
+    strategy.record_halt(1, [RuntimeError("\x1b[36mray::x\x1b[39m\\n trace\\nCrash: oncology died")], 1)
+    record = strategy.recorder.round(1)
+    assert [(d["department"], d["stage"]) for d in record.dropouts] == [
+        ("oncology", "collect_masked_vectors"), ("node-12", "collect_masked_vectors"), ("oncology", "unmask")]
+    assert record.departments["oncology"].status == keys.STATUS_DROPPED
+    assert record.attempts == 2  # one retry follows the halt
+    assert record.errors == ["attempt 1: ray::x | trace | Crash: oncology died"]  # no colours, last lines
+    assert record.aggregate.startswith("kept_previous: secure aggregation halted")
+
+
+def test_failure_text_keeps_the_cause() -> None:
+    assert failure_text(ValueError("x" * 1000 + "\nthe cause")).endswith("the cause")
+    assert len(failure_text(ValueError("y" * 5000))) <= 400
+
+
+def test_evaluation_dropouts_are_recorded(tmp_path: Path) -> None:
+    strategy = FedSiloStrategy(JobConfig(num_server_rounds=2), [np.zeros(2, np.float32)], "fp",
+                               RunRecorder({}, tmp_path))
+    strategy._asked["evaluate"] = {1, 2}
+    strategy.node_names.update({1: "a", 2: "b"})
+    strategy._record_missing(1, "evaluate", {1})
+    assert strategy.recorder.round(1).dropouts == [{"department": "b", "node_id": 2, "stage": "evaluate",
+                                                     "attempt": 1}]
+
+
+def test_cli_refuses_to_resume_a_different_job_and_writes_nothing(tmp_path: Path, model, capsys) -> None:
+    out = tmp_path / "run"
+    _save(out, model)
+    before = (out / CHECKPOINT).read_bytes()
+    assert main(["simulate", "--resume", str(out), "--rounds", "9", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsilo: error: Cannot resume") and "num-server-rounds" in err
+    assert (out / CHECKPOINT).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT]
+    assert main(["simulate", "--resume", str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(out), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_server_run_resume_checks_before_submitting(tmp_path: Path, model, capsys) -> None:
+    out = tmp_path / "run"
+    _save(out, model)
+    state = tmp_path / "state"  # no SuperLink connection: a submission would fail differently
+    assert main(["server", "run", "--state-dir", str(state), "--resume", str(out), "--model", "minilm"]) == 2
+    assert "model: checkpoint 'tiny-random'" in capsys.readouterr().err
+    assert main(["server", "run", "--state-dir", str(state), "--labels", "a,b"]) == 2
+    assert "--out and --labels are required" in capsys.readouterr().err
+    assert main(["server", "run", "--state-dir", str(state), "--out", str(out), "--labels", "neg,pos"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
