@@ -342,18 +342,28 @@ def _goal(value: float | None, goal: float) -> str:
     return "n/a" if value is None else ("met" if value <= goal else "missed")
 
 
-def _when(part: dict[str, Any]) -> str:
+def _measured(part: dict[str, Any]) -> str:
     before, after = part["load_average"]
     return (f"Measured {part['measured_utc']}, {part['repeats']} repeat(s), {part['bench_seconds'] / 60:.1f} min, "
             f"load average {before} before, {after} after.")
 
 
-def bench_markdown(result: dict[str, Any]) -> str:
+def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
+    """The bench's tables; with `only_part`, that part's section alone (with the machine), for the docs."""
     m = result["machine"]
-    lines = ["## fedsilo bench" + (" (--quick: tiny setup, figures meaningless)" if result["quick"] else ""), "",
-             f"Machine: {machine_line(m)}. Each part below gives its load average (1, 5, 15 min) before and after "
-             "it ran: the machine is shared, so compare ratios measured side by side, not absolute times."]
-    if "dp" in result:
+    quick = " (--quick: tiny setup, figures meaningless)" if result["quick"] else ""
+    lines: list[str] = [] if only_part else [
+        f"## fedsilo bench{quick}", "",
+        f"Machine: {machine_line(m)}. Each part below gives its load average (1, 5, 15 min) before and after "
+        "it ran: the machine is shared, so compare ratios measured side by side, not absolute times."]
+
+    def wanted(part: str) -> bool:
+        return part in result and only_part in (None, part)
+
+    def _when(part: dict[str, Any]) -> str:
+        return _measured(part) + (f" Machine: {machine_line(m)}{quick}." if only_part else "")
+
+    if wanted("dp"):
         dp = result["dp"]
         s = dp["setup"]
         lines += ["", "### DP-SGD step cost", "", _when(dp), "",
@@ -379,7 +389,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         for name, v in eq["modes"].items():
             lines.append(f"| {name} | {v['clipped_sum_relative_error']:.2e} | {v['noise_std_ratio']:.4f} "
                          f"(over {v['noise_values']} values) |")
-    if "secagg" in result:
+    if wanted("secagg"):
         lines += ["", "### SecAgg+ cost", "", _when(result["secagg"]), "",
                   "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
                   "2.. of each run; excluding training = fit time minus the slowest department's training time.", "",
@@ -391,7 +401,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
                          f"{int(s['rows'] * 0.8)} | {_f(row['off']['fit_seconds'])} | {_f(row['on']['fit_seconds'])} "
                          f"| {_f(row['ratio'])} ({_goal(row['ratio'], GOALS['secagg'])}) | "
                          f"{_f(row['ratio_excluding_training'])} |")
-    if "overhead" in result:
+    if wanted("overhead"):
         o = result["overhead"]
         s = o["setup"]
         lines += ["", "### Framework overhead", "", _when(o), "",
@@ -400,7 +410,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
                   f"fit round {_f(o['fit_seconds'])} s, slowest department's training {_f(o['train_seconds_max'])} s; "
                   f"overhead (wall - slowest training) / wall = {_f(o['overhead_fraction'], '.1%')} "
                   f"(goal <= {GOALS['overhead']:.0%}: {_goal(o['overhead_fraction'], GOALS['overhead'])})."]
-    if "comm" in result:
+    if wanted("comm"):
         c = result["comm"]
         lines += ["", "### Communication per department per round", "", _when(c), "",
                   f"Model {c['model']}; the update as serialised by Flower (float32), and under SecAgg+ the masked, "
@@ -411,7 +421,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {ft} | {c[ft]['parameters']:,} | {c[ft]['bytes_plain']:,} | {c[ft]['bytes_secagg']:,} |")
         lines += ["", f"LoRA / full: {c['ratio_plain']:.2%} plain, {c['ratio_secagg']:.2%} with SecAgg+ "
                       f"(goal <= {GOALS['comm']:.0%}: {_goal(c['ratio_secagg'], GOALS['comm'])})."]
-    if "scale" in result:
+    if wanted("scale"):
         sc = result["scale"]
         s = sc["setup"]
         peaks = ", ".join(_mib(p) for p in sc["peak_bytes_per_round"])
@@ -421,7 +431,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
                   f"{_f(sc['fit_seconds_per_round'], '.1f')} s), median over rounds 2..; peak memory of the whole "
                   f"process tree (PSS, sampled every {MEMORY_INTERVAL_SECONDS} s) per round: {peaks}; growth from "
                   f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequence[str], docs: Path | None) -> str:
@@ -429,7 +439,8 @@ def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequ
     if docs is not None:
         from simulations.docs import update_section
 
-        update_section(docs, "bench", bench_markdown(result))
+        for part in result["parts"]:  # one section per part: parts measured by separate runs stay side by side
+            update_section(docs, f"bench-{part}", bench_markdown(result, only_part=part))
     return bench_markdown(result)
 
 

@@ -49,7 +49,7 @@ def test_bench_quick_writes_every_part(tmp_path: Path) -> None:
     assert all(_positive(p) for p in scale["peak_bytes_per_round"])
     table = (out / BENCH_MD).read_text()
     assert "DP-SGD step cost" in table and "SecAgg+" in table and "Scale" in table
-    assert "fedsilo:bench:start" in docs.read_text()
+    assert "fedsilo:bench-dp:start" in docs.read_text() and "fedsilo:bench-scale:start" in docs.read_text()
     # an existing bench is never overwritten without naming the parts to remeasure
     assert main(["bench", "--quick", "--out", str(out)]) == 2
     assert json.loads((out / BENCH_JSON).read_text()) == result
