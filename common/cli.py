@@ -129,6 +129,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--per-department", type=int, help="train/test on at most this many rows per department "
                                                        "(seeded sample; a smaller compute budget)")
     u.add_argument("--resume", action="store_true", help="run only the arms --out's study.json lacks (same settings)")
+    u.add_argument("--render", action="store_true", help="run nothing: rewrite study.md, utility.png (and --docs) "
+                                                         "from --out's study.json, finished or not")
     u.add_argument("--docs", type=Path, help="also rewrite the study's section of this markdown file "
                                              "(e.g. docs/benchmarks.md) and put the plot beside it")
     u.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
@@ -149,7 +151,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise FedsiloError(f"--epsilons must be comma-separated numbers, got {args.epsilons!r}.") from exc
     print(run_study_command(rc, args.out, epsilons, args.docs, args.per_department,
-                            args.resume), end="")
+                            args.resume, args.render), end="")
     return 0
 
 

@@ -156,7 +156,10 @@ def run_sim(sim: SimSetup, secagg: bool, work: Path, tag: str, memory: bool = Fa
             if memory:
                 peaks.append(sampler.take_peak())
 
-        report = simulate(_sim_config(sim, data, secagg), out, on_round=on_round)
+        try:
+            report = simulate(_sim_config(sim, data, secagg), out, on_round=on_round)
+        except RuntimeError as exc:  # Flower's simulation runtime crashed (e.g. Ray's node did not start in time)
+            raise BenchError(f"simulation {tag} failed: {exc} ({exc.__cause__})") from exc
     seconds = time.perf_counter() - start
     rounds = []
     for i, r in enumerate(report["rounds"]):

@@ -291,10 +291,27 @@ def plot_study(study: Study, path: Path) -> None:
     plt.close(fig)
 
 
+def load_study(out_dir: Path) -> Study:
+    path = out_dir / STUDY_JSON
+    if not path.is_file():
+        raise ConfigError(f"{out_dir} holds no study ({STUDY_JSON}).")
+    try:
+        saved = json.loads(path.read_text())
+        return Study(config=saved["config"], budget=saved["budget"], machine=saved["machine"],
+                     arms=[Arm(**a) for a in saved["arms"]])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a study written by fedsilo: {exc}") from exc
+
+
 def run_study_command(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float], docs: Path | None,
-                      per_department: int | None = None, resume: bool = False) -> str:
-    """`fedsilo study utility`: run, optionally rewrite the docs section, return the markdown table."""
-    study = run_study(rc, out_dir, epsilons, per_department=per_department, resume=resume)
+                      per_department: int | None = None, resume: bool = False, render: bool = False) -> str:
+    """`fedsilo study utility`: run (or, with `render`, only re-render what out_dir holds), optionally rewrite the
+    docs section; returns the markdown table."""
+    if render:
+        study = load_study(out_dir)
+        write_study(study, out_dir)
+    else:
+        study = run_study(rc, out_dir, epsilons, per_department=per_department, resume=resume)
     if docs is not None:
         from simulations.docs import update_section
 

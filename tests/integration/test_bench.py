@@ -84,5 +84,10 @@ def test_utility_study_on_a_tiny_setup(tmp_path: Path) -> None:
     assert [a.global_accuracy for a in again.arms] == [a["global_accuracy"] for a in saved["arms"]]
     with pytest.raises(Exception, match="already holds a study"):
         run_study(rc, tmp_path / "study", epsilons=[8.0])
+    # --render rewrites the table and the docs section from study.json without running anything
+    docs = tmp_path / "docs" / "benchmarks.md"
+    assert main(["study", "utility", "--out", str(tmp_path / "study"), "--render", "--docs", str(docs)]) == 0
+    assert "| federated-dp-eps8 | 8 |" in docs.read_text() and (docs.parent / UTILITY_PNG).is_file()
+    assert main(["study", "utility", "--out", str(tmp_path / "none"), "--render"]) == 2
     with pytest.raises(Exception, match="sets dp"):
         run_study({**rc, "dp": False}, tmp_path / "other")
