@@ -108,18 +108,26 @@ def bench_dp(setup: BenchSetup, default_mode: str) -> dict[str, Any]:
             log.info("bench dp: repeat %d %s: %.3fs/step, +%.0f MiB", r + 1, variant, res["step_seconds"],
                      res["peak_bytes"] / 2**20)
             runs[variant].append(res)
-    base_t = _median([x["step_seconds"] for x in runs[NON_PRIVATE]])
-    base_m = _median([x["peak_bytes"] for x in runs[NON_PRIVATE]])
-    variants = {}
-    for variant, results in runs.items():
-        t = _median([x["step_seconds"] for x in results])
-        m = _median([x["peak_bytes"] for x in results])
-        variants[variant] = {"step_seconds": t, "peak_bytes": m, "time_ratio": _ratio(t, base_t),
-                             "memory_ratio": _ratio(m, base_m), "repeats": results}
-    check = check_modes(setup.step)
-    fastest = min(DP_MODES, key=lambda m: variants[m]["step_seconds"] or float("inf"))
-    return {"setup": asdict(setup.step), "memory_method": runs[NON_PRIVATE][0]["memory_method"],
-            "variants": variants, "equivalence": check, "default_mode": default_mode, "fastest_mode": fastest}
+    variants: dict[str, Any] = {v: {"repeats": results} for v, results in runs.items()}
+    dp = {"setup": asdict(setup.step), "memory_method": runs[NON_PRIVATE][0]["memory_method"],
+          "variants": variants, "equivalence": check_modes(setup.step), "default_mode": default_mode}
+    return summarize_dp(dp)
+
+
+def summarize_dp(dp: dict[str, Any]) -> dict[str, Any]:
+    """Medians and ratios from the raw repeats. A ratio is the median over repeats of (variant / non-private in the
+    same repeat): load that drifts between repeats on a shared machine cancels within each repeat."""
+    base = dp["variants"][NON_PRIVATE]["repeats"]
+    for v in dp["variants"].values():
+        reps = v["repeats"]
+        v["step_seconds"] = _median([x["step_seconds"] for x in reps])
+        v["peak_bytes"] = _median([x["peak_bytes"] for x in reps])
+        v["time_ratio"] = _median([x["step_seconds"] / b["step_seconds"] for x, b in zip(reps, base, strict=True)])
+        v["memory_ratio"] = _median([x["peak_bytes"] / b["peak_bytes"] for x, b in zip(reps, base, strict=True)
+                                     if b["peak_bytes"]])
+        v["time_ratio_per_repeat"] = [x["step_seconds"] / b["step_seconds"] for x, b in zip(reps, base, strict=True)]
+    dp["fastest_mode"] = min(DP_MODES, key=lambda m: dp["variants"][m]["time_ratio"] or float("inf"))
+    return dp
 
 
 # ---------------------------------------------------------------- simulations
@@ -315,6 +323,8 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
     steps = {"dp": lambda: bench_dp(setup, default_mode), "secagg": lambda: bench_secagg(setup, work),
              "overhead": lambda: bench_overhead(setup, work), "comm": lambda: bench_comm(setup),
              "scale": lambda: bench_scale(setup, work)}
+    if "dp" in result:  # summaries are derived from the raw repeats, also for a dp part measured earlier
+        result["dp"] = summarize_dp(result["dp"])
     for part in parts:
         start = time.perf_counter()
         log.info("bench: %s ...", part)
@@ -372,12 +382,15 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
         lines += ["", "### DP-SGD step cost", "", _when(dp), "",
                   f"Model {s['model']} ({s['finetune']}), batch {s['batch']}, sequence length {s['seq_len']}, Adam; "
                   f"median of {s['steps']} timed steps after {s['warmup']} warm-up step(s) and one memory-profiled "
-                  f"step, a freshly built model per variant and repeat, variants interleaved. Peak memory: "
+                  "step, a freshly built model per variant and repeat, variants interleaved; ratios are medians of "
+                  "the per-repeat ratios. Peak memory: "
                   f"{dp['memory_method']} (peak bytes one step allocates above what was allocated before it).", "",
-                  "| variant | s/step | x non-private | peak memory added | x non-private |", "|---|---|---|---|---|"]
+                  "| variant | s/step | x non-private (per repeat) | peak memory added | x non-private |",
+                  "|---|---|---|---|---|"]
         for name, v in dp["variants"].items():
             mark = " (default)" if name == dp["default_mode"] else ""
-            lines.append(f"| {name}{mark} | {_f(v['step_seconds'], '.3f')} | {_f(v['time_ratio'])} | "
+            per = ", ".join(f"{x:.2f}" for x in v.get("time_ratio_per_repeat", []))
+            lines.append(f"| {name}{mark} | {_f(v['step_seconds'], '.3f')} | {_f(v['time_ratio'])} ({per}) | "
                          f"{_mib(v['peak_bytes'])} | {_f(v['memory_ratio'])} |")
         d = dp["variants"][dp["default_mode"]]
         lines += ["", f"Default mode `{dp['default_mode']}`: {_f(d['time_ratio'])}x time (goal <= "
