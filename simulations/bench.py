@@ -34,7 +34,7 @@ from common.params import get_trainable
 from server.report import write_atomic
 from simulations.machine import PeakSampler, describe, machine_line, tree_memory
 from simulations.run import simulate
-from simulations.stepcost import DP_MODES, NON_PRIVATE, VARIANTS, StepSetup, check_modes, measure
+from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,16 @@ class BenchSetup:
 
 
 FULL = BenchSetup(
-    step=StepSetup(model="minilm", finetune="lora", batch=64, seq_len=64, steps=2, warmup=1),
-    repeats=3,
+    step=StepSetup(model="minilm", finetune="lora", batch=64, seq_len=64, steps=5, warmup=1),
+    repeats=5,
     secagg=(SimSetup("minilm", 4, 100, 3, 16, 0.4, 64), SimSetup("minilm", 10, 100, 3, 16, 0.4, 64)),
     overhead=SimSetup("minilm", 2, 1500, 3, 64, 0.25, 64),
     scale=SimSetup("tiny-random", 100, 40, 3, 8, 0.5, 32),
     comm_model="minilm",
 )
 QUICK = BenchSetup(
-    step=StepSetup(model="tiny-random", finetune="lora", batch=8, seq_len=16, steps=1, warmup=1),
-    repeats=1,
+    step=StepSetup(model="tiny-random", finetune="lora", batch=8, seq_len=16, steps=2, warmup=1),
+    repeats=2,
     secagg=(SimSetup("tiny-random", 3, 30, 2, 8, 0.5, 16),),
     overhead=SimSetup("tiny-random", 2, 30, 2, 8, 0.5, 16),
     scale=SimSetup("tiny-random", 4, 30, 2, 8, 0.5, 16),
@@ -101,15 +101,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def bench_dp(setup: BenchSetup, default_mode: str) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    for r in range(setup.repeats):
-        for variant in VARIANTS:  # interleaved: each repeat measures every variant once
-            res = measure(setup.step, variant)
-            log.info("bench dp: repeat %d %s: %.3fs/step, +%.0f MiB", r + 1, variant, res["step_seconds"],
-                     res["peak_bytes"] / 2**20)
-            runs[variant].append(res)
+    runs = measure(replace(setup.step, steps=setup.repeats))  # rounds of interleaved steps are the repeats
     variants: dict[str, Any] = {v: {"repeats": results} for v, results in runs.items()}
-    dp = {"setup": asdict(setup.step), "memory_method": runs[NON_PRIVATE][0]["memory_method"],
+    dp = {"setup": asdict(replace(setup.step, steps=setup.repeats)), "memory_method": memory_method(),
           "variants": variants, "equivalence": check_modes(setup.step), "default_mode": default_mode}
     return summarize_dp(dp)
 
@@ -381,11 +375,11 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
         s = dp["setup"]
         lines += ["", "### DP-SGD step cost", "", _when(dp), "",
                   f"Model {s['model']} ({s['finetune']}), batch {s['batch']}, sequence length {s['seq_len']}, Adam; "
-                  f"median of {s['steps']} timed steps after {s['warmup']} warm-up step(s) and one memory-profiled "
-                  "step, a freshly built model per variant and repeat, variants interleaved; ratios are medians of "
-                  "the per-repeat ratios. Peak memory: "
+                  f"every variant built side by side in one process, {s['warmup']} warm-up step(s) and one "
+                  f"memory-profiled step each, then {s['steps']} rounds of one timed step per variant (round-robin); "
+                  "ratios are medians over rounds of the per-round ratio. Peak memory: "
                   f"{dp['memory_method']} (peak bytes one step allocates above what was allocated before it).", "",
-                  "| variant | s/step | x non-private (per repeat) | peak memory added | x non-private |",
+                  "| variant | s/step | x non-private (per round) | peak memory added | x non-private |",
                   "|---|---|---|---|---|"]
         for name, v in dp["variants"].items():
             mark = " (default)" if name == dp["default_mode"] else ""

@@ -13,9 +13,8 @@ other processes; the profiled step is not one of the timed steps).
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,39 +104,55 @@ def _cpu_peak(step: Callable[[], None]) -> int:
     return peak
 
 
-def measure(setup: StepSetup, variant: str) -> dict[str, Any]:
-    """Median seconds of one optimizer step and the peak memory one step adds, for one variant."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"Unknown step variant {variant!r}; expected one of {VARIANTS}.")
+def _stepper(setup: StepSetup, variant: str) -> Callable[[], None]:
     model, optimizer, criterion, batch, dev = _prepare(setup, variant, noise=1.0, clip=1.0)
-    cuda = dev.type == "cuda"
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         _backward(model, criterion, batch, dev)
         optimizer.step()
-        if cuda:
+        if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(setup.warmup):
-        step()
-    if cuda:
-        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _step_peak(step: Callable[[], None]) -> int:
+    if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        peak = _cpu_peak(step)
-    times: list[float] = []
-    for _ in range(setup.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"variant": variant, "step_seconds": statistics.median(times), "step_seconds_all": times,
-            "peak_bytes": max(0, int(peak)),
-            "memory_method": "CUDA allocator peak" if cuda else "torch profiler allocation timeline"}
+        return torch.cuda.max_memory_allocated() - before
+    return _cpu_peak(step)
+
+
+def measure(setup: StepSetup, variants: Sequence[str] = VARIANTS) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, per round: seconds of one optimizer step, and the peak memory one step adds.
+
+    Every variant is built first; then the timed steps go round-robin (one step of each variant per round,
+    `setup.steps` rounds), so load that changes on a shared machine hits the variants of a round alike.
+    """
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"Unknown step variant(s) {unknown}; expected some of {VARIANTS}.")
+    steps = {v: _stepper(setup, v) for v in variants}
+    peaks = {}
+    for v, step in steps.items():
+        for _ in range(setup.warmup):
+            step()
+        peaks[v] = max(0, int(_step_peak(step)))
+    out: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r in range(setup.steps):
+        for v, step in steps.items():
+            start = time.perf_counter()
+            step()
+            out[v].append({"round": r + 1, "step_seconds": time.perf_counter() - start, "peak_bytes": peaks[v]})
+        log.info("stepcost: round %d: %s", r + 1, ", ".join(f"{v} {out[v][-1]['step_seconds']:.2f}s" for v in out))
+    return out
+
+
+def memory_method() -> str:
+    return "CUDA allocator peak" if device().type == "cuda" else "torch profiler allocation timeline"
 
 
 def _dp_gradient(setup: StepSetup, mode: str, noise: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
