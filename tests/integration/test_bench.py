@@ -23,6 +23,7 @@ def _positive(x: object) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.timeout(1800)  # five small simulations: minutes on an idle CI machine, far more on a shared one
 def test_bench_quick_writes_every_part(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     docs = tmp_path / "docs" / "benchmarks.md"
