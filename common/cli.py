@@ -166,6 +166,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, help="repeats per measurement (default 3; --quick 1)")
     p.add_argument("--only", action="append", default=[], metavar="PART",
                    help="run only these parts (repeatable): dp, secagg, overhead, comm, scale")
+    p.add_argument("--secagg-departments", type=int, action="append", default=[], metavar="N",
+                   help="department counts of the secagg part (repeatable; default 4 and 10)")
     p.add_argument("--docs", type=Path, help="also rewrite the bench's section of this markdown file")
     p.set_defaults(func=_cmd_bench)
 
@@ -173,8 +175,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import run_bench_command
 
-    print(run_bench_command(args.out, quick=args.quick, repeats=args.repeats, only=args.only, docs=args.docs),
-          end="")
+    print(run_bench_command(args.out, quick=args.quick, repeats=args.repeats, only=args.only, docs=args.docs,
+                            secagg_departments=args.secagg_departments), end="")
     return 0
 
 

@@ -290,7 +290,7 @@ def bench_comm(setup: BenchSetup) -> dict[str, Any]:
 
 
 def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
-              only: Sequence[str] = ()) -> dict[str, Any]:
+              only: Sequence[str] = (), secagg_departments: Sequence[int] = ()) -> dict[str, Any]:
     unknown = sorted(set(only) - set(PARTS))
     if unknown:
         raise ConfigError(f"Unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}.")
@@ -307,6 +307,11 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
     setup = QUICK if quick else FULL
     if repeats is not None:
         setup = replace(setup, repeats=repeats)
+    if secagg_departments:
+        chosen = tuple(replace(setup.secagg[0], departments=n) for n in secagg_departments)
+        if any(n < 2 for n in secagg_departments):
+            raise ConfigError("SecAgg+ needs at least 2 departments per simulation.")
+        setup = replace(setup, secagg=chosen)
     parts = [p for p in PARTS if not only or p in only]
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -444,8 +449,9 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequence[str], docs: Path | None) -> str:
-    result = run_bench(out, quick=quick, repeats=repeats, only=only)
+def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequence[str], docs: Path | None,
+                      secagg_departments: Sequence[int] = ()) -> str:
+    result = run_bench(out, quick=quick, repeats=repeats, only=only, secagg_departments=secagg_departments)
     if docs is not None:
         from simulations.docs import update_section
 
