@@ -407,7 +407,9 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
     if wanted("secagg"):
         lines += ["", "### SecAgg+ cost", "", _when(result["secagg"]), "",
                   "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
-                  "2.. of each run; excluding training = fit time minus the slowest department's training time.", "",
+                  "2.. of each run; excluding training = fit time minus the slowest department's training time. The "
+                  "plain and SecAgg+ simulations run one after the other, so load that changes between them is not "
+                  "cancelled: read the ratio with the load figures above.", "",
                   "| departments | model | local steps | plain s | SecAgg+ s | ratio | ratio excl. training |",
                   "|---|---|---|---|---|---|---|"]
         for row in result["secagg"]["rows"]:
