@@ -39,9 +39,14 @@ def _noise_only_step(optimizer: DPOptimizer, params: list[torch.nn.Parameter], g
     optimizer.step()
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    """A seeded generator, or one seeded from the OS's entropy pool when `seed` is None."""
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+def _generator(seed: int | None, dev: torch.device | None = None) -> torch.Generator:
+    """A seeded generator on `dev` (default CPU), or one seeded from the OS's entropy pool when `seed` is None.
+
+    Opacus draws the noise with `torch.normal(device=<the gradient's device>, generator=...)`, so on CUDA the noise
+    generator must live on the GPU; the data loader's sampling generator stays on the CPU.
+    """
+    generator = torch.Generator(device=dev) if dev is not None else torch.Generator()
+    return generator.manual_seed(secrets.randbits(63) if seed is None else seed)
 
 
 def train_round(model: torch.nn.Module, data: Encoded, cfg: JobConfig, *, steps: int, noise_multiplier: float | None,
@@ -71,7 +76,7 @@ def train_round(model: torch.nn.Module, data: Encoded, cfg: JobConfig, *, steps:
         made = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                                    noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip_norm,
                                    poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
-                                   noise_generator=_generator(seed))
+                                   noise_generator=_generator(seed, dev))
         if ghost:
             model, optimizer, criterion, loader = made
         else:

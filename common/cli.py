@@ -121,6 +121,73 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="accuracy studies: what privacy costs under one compute budget",
+                       description="utility: centralized non-private on the pooled data, federated non-private and "
+                                   "federated DP at several epsilons, all with the same number of gradient steps; "
+                                   "writes study.json, study.md and utility.png.")
+    ssub = p.add_subparsers(dest="study_command", required=True)
+    u = ssub.add_parser("utility", help="accuracy vs epsilon against centralized and federated baselines")
+    u.add_argument("--out", type=Path, required=True, help="output directory, must not hold a study yet")
+    u.add_argument("--rounds", type=int, help="federated rounds (the compute budget with --local-epochs)")
+    u.add_argument("--local-epochs", type=float, help="fraction of each department's data per round")
+    u.add_argument("--epsilons", default="8,3,1", help="per-site budgets of the DP arms (default 8,3,1)")
+    u.add_argument("--model", help="'minilm', 'tiny-random' or a local Hugging Face model directory")
+    u.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments (default: Hutto corpora)")
+    u.add_argument("--per-department", type=int, help="train/test on at most this many rows per department "
+                                                       "(seeded sample; a smaller compute budget)")
+    u.add_argument("--resume", action="store_true", help="run only the arms --out's study.json lacks (same settings)")
+    u.add_argument("--render", action="store_true", help="run nothing: rewrite study.md, utility.png (and --docs) "
+                                                         "from --out's study.json, finished or not")
+    u.add_argument("--docs", type=Path, help="also rewrite the study's section of this markdown file "
+                                             "(e.g. docs/benchmarks.md) and put the plot beside it")
+    u.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="any run-config key except dp and sim-epsilon (repeatable)")
+    u.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from simulations.study import run_study_command
+
+    rc: dict[str, bool | int | float | str] = dict(args.config)
+    for attr, key in {"rounds": "num-server-rounds", "local_epochs": "local-epochs", "model": "model",
+                      "data": "sim-data"}.items():
+        if getattr(args, attr) is not None:
+            rc[key] = getattr(args, attr)
+    try:
+        epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
+    except ValueError as exc:
+        raise FedsiloError(f"--epsilons must be comma-separated numbers, got {args.epsilons!r}.") from exc
+    print(run_study_command(rc, args.out, epsilons, args.docs, args.per_department,
+                            args.resume, args.render), end="")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure DP, SecAgg+, communication, framework overhead and scale",
+                       description="Side-by-side measurements on this machine (medians over repeats, variants "
+                                   "interleaved): DP-SGD step cost per Opacus mode, SecAgg+ round cost, bytes sent "
+                                   "per round, framework overhead, 100-department scale. Writes bench.json and "
+                                   "bench.md.")
+    p.add_argument("--out", type=Path, required=True, help="output directory, must not hold a bench yet")
+    p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the bench runs, no figures")
+    p.add_argument("--repeats", type=int, help="repeats per measurement (default 3; --quick 1)")
+    p.add_argument("--only", action="append", default=[], metavar="PART",
+                   help="run only these parts (repeatable): dp, secagg, overhead, comm, scale")
+    p.add_argument("--secagg-departments", type=int, action="append", default=[], metavar="N",
+                   help="department counts of the secagg part (repeatable; default 4 and 10)")
+    p.add_argument("--docs", type=Path, help="also rewrite the bench's section of this markdown file")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import run_bench_command
+
+    print(run_bench_command(args.out, quick=args.quick, repeats=args.repeats, only=args.only, docs=args.docs,
+                            secagg_departments=args.secagg_departments), end="")
+    return 0
+
+
 def _cmd_budget(args: argparse.Namespace) -> int:
     from client.ledger import LedgerFile
     from client.site import SiteConfig
@@ -363,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_certs(sub)
     _add_deployment(sub)
+    _add_study(sub)
+    _add_bench(sub)
     b = sub.add_parser("budget", help="show a site's privacy ledger: spent, remaining, per round")
     b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     b.add_argument("--json", action="store_true", help="machine-readable output")

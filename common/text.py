@@ -57,6 +57,7 @@ class EvalResult:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: Encoded, dev: torch.device, batch_size: int = 256) -> EvalResult:
     """Mean cross-entropy and correct count of `model` on `data` (sorted by length so batches pad little)."""
+    model.to(dev)
     model.eval()
     order = torch.argsort(data.attention_mask.sum(dim=1))
     total_loss, correct = 0.0, 0

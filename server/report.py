@@ -50,12 +50,14 @@ class DepartmentRound:
     accuracy: float | None = None
     n_test: int | None = None
     reason: str | None = None
+    train_seconds: float | None = None  # the department's own local-training time this round (fit metric)
 
 
 @dataclass
 class RoundRecord:
     round: int
-    seconds: float = 0.0
+    seconds: float = 0.0  # configure_fit to the end of federated evaluation
+    fit_seconds: float = 0.0  # configure_fit to aggregate_fit: the training round, SecAgg+ stages included
     global_accuracy: float | None = None
     departments: dict[str, DepartmentRound] = field(default_factory=dict)
     failures: int = 0
@@ -105,7 +107,8 @@ class RunRecorder:
             "config": self.config,
             "departments": self.departments,
             "rounds": [
-                {"round": r.round, "seconds": round(r.seconds, 3), "global_accuracy": _finite(r.global_accuracy),
+                {"round": r.round, "seconds": round(r.seconds, 3), "fit_seconds": round(r.fit_seconds, 3),
+                 "global_accuracy": _finite(r.global_accuracy),
                  "failures": r.failures, "aggregate": r.aggregate, "errors": r.errors,
                  "attempts": r.attempts, "dropouts": r.dropouts, "peak_rss_mb": r.peak_rss_mb,
                  "departments": {n: {k: v for k, v in vars(d).items() if v is not None or k != "reason"}

@@ -100,6 +100,7 @@ class FedSiloStrategy(FedAvg):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None,
                                                                                           dict[str, Scalar]]:
         record = self.recorder.round(server_round)
+        record.fit_seconds = time.perf_counter() - self._round_start
         record.failures = len(failures)
         for exc in failures:
             log.warning("aggregate_fit: round %s: a department failed: %s", server_round, exc)
@@ -111,7 +112,8 @@ class FedSiloStrategy(FedAvg):
             status = str(_scalar(res.metrics, keys.M_STATUS, keys.STATUS_FAILED))
             self.recorder.department(name)["n_train"] = int(_scalar(res.metrics, keys.M_NUM_EXAMPLES, 0))
             dept = DepartmentRound(status=status, epsilon=_scalar(res.metrics, keys.M_EPSILON),
-                                   reason=_scalar(res.metrics, keys.M_REASON))
+                                   reason=_scalar(res.metrics, keys.M_REASON),
+                                   train_seconds=_scalar(res.metrics, keys.M_TRAIN_SECONDS))
             record.departments[name] = dept
             if status != keys.STATUS_TRAINED or res.num_examples <= 0:
                 continue

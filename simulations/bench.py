@@ -1,0 +1,464 @@
+"""`fedsilo bench`: what DP, SecAgg+, communication and the framework cost, measured side by side on this machine.
+
+Parts (each figure a median over repeats, the variants interleaved so that load on a shared machine hits them alike):
+- dp: one DP-SGD step per Opacus mode vs one non-private step (time, peak memory; `simulations.stepcost`),
+  plus a check that the modes give the same clipped sum and noise;
+- secagg: simulated round time with vs without SecAgg+ (default model, LoRA, a few local steps), 4 and 10
+  departments; the departments' own training times give the ratio excluding training and the framework overhead;
+- overhead: framework overhead, (fit-round wall time - slowest department's training time) / wall time, in a round
+  with realistic local training (2 departments, one per core);
+- comm: bytes a department sends per round (its update, serialised as Flower serialises it; under SecAgg+ the
+  masked, quantised vector built with Flower's own functions), LoRA vs full fine-tuning;
+- scale: 100 departments with tiny-random in one simulation: seconds and peak memory (whole process tree) per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import JobConfig
+from common.data import DEPARTMENT, LABEL, TEXT, load_hutto
+from common.errors import ConfigError, FedsiloError
+from common.model import build_model
+from common.params import get_trainable
+from server.report import write_atomic
+from simulations.machine import PeakSampler, describe, machine_line, tree_memory
+from simulations.run import simulate
+from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method
+
+log = logging.getLogger(__name__)
+
+BENCH_JSON = "bench.json"
+BENCH_MD = "bench.md"
+PARTS = ("dp", "secagg", "overhead", "comm", "scale")
+MEMORY_INTERVAL_SECONDS = 0.5
+LABELS = "negative,positive"
+GOALS = {"dp_time": 1.3, "dp_memory": 1.2, "secagg": 1.2, "comm": 0.02, "overhead": 0.10}
+
+
+class BenchError(FedsiloError):
+    """A benchmark measurement failed (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    model: str
+    departments: int
+    rows: int  # rows per department (80% train)
+    rounds: int  # round 1 (actor start-up) is reported but left out of the medians
+    batch: int
+    local_epochs: float
+    max_length: int
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    step: StepSetup
+    repeats: int
+    secagg: tuple[SimSetup, ...]
+    overhead: SimSetup
+    scale: SimSetup
+    comm_model: str
+
+
+FULL = BenchSetup(
+    step=StepSetup(model="minilm", finetune="lora", batch=64, seq_len=64, steps=5, warmup=1),
+    repeats=5,
+    secagg=(SimSetup("minilm", 4, 100, 3, 16, 0.4, 64), SimSetup("minilm", 10, 100, 3, 16, 0.4, 64)),
+    overhead=SimSetup("minilm", 2, 1500, 3, 64, 0.25, 64),
+    scale=SimSetup("tiny-random", 100, 40, 3, 8, 0.5, 32),
+    comm_model="minilm",
+)
+QUICK = BenchSetup(
+    step=StepSetup(model="tiny-random", finetune="lora", batch=8, seq_len=16, steps=2, warmup=1),
+    repeats=2,
+    secagg=(SimSetup("tiny-random", 3, 30, 2, 8, 0.5, 16),),
+    overhead=SimSetup("tiny-random", 2, 30, 2, 8, 0.5, 16),
+    scale=SimSetup("tiny-random", 4, 30, 2, 8, 0.5, 16),
+    comm_model="tiny-random",
+)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# ---------------------------------------------------------------- dp step cost
+
+
+def bench_dp(setup: BenchSetup, default_mode: str) -> dict[str, Any]:
+    runs = measure(replace(setup.step, steps=setup.repeats))  # rounds of interleaved steps are the repeats
+    variants: dict[str, Any] = {v: {"repeats": results} for v, results in runs.items()}
+    dp = {"setup": asdict(replace(setup.step, steps=setup.repeats)), "memory_method": memory_method(),
+          "variants": variants, "equivalence": check_modes(setup.step), "default_mode": default_mode}
+    return summarize_dp(dp)
+
+
+def summarize_dp(dp: dict[str, Any]) -> dict[str, Any]:
+    """Medians and ratios from the raw repeats. A ratio is the median over repeats of (variant / non-private in the
+    same repeat): load that drifts between repeats on a shared machine cancels within each repeat."""
+    base = dp["variants"][NON_PRIVATE]["repeats"]
+    for v in dp["variants"].values():
+        reps = v["repeats"]
+        v["step_seconds"] = _median([x["step_seconds"] for x in reps])
+        v["peak_bytes"] = _median([x["peak_bytes"] for x in reps])
+        v["time_ratio"] = _median([x["step_seconds"] / b["step_seconds"] for x, b in zip(reps, base, strict=True)])
+        v["memory_ratio"] = _median([x["peak_bytes"] / b["peak_bytes"] for x, b in zip(reps, base, strict=True)
+                                     if b["peak_bytes"]])
+        v["time_ratio_per_repeat"] = [x["step_seconds"] / b["step_seconds"] for x, b in zip(reps, base, strict=True)]
+    dp["fastest_mode"] = min(DP_MODES, key=lambda m: dp["variants"][m]["time_ratio"] or float("inf"))
+    return dp
+
+
+# ---------------------------------------------------------------- simulations
+
+
+def department_data(path: Path, departments: int, rows: int, seed: int = 0) -> Path:
+    """`departments` departments of `rows` Hutto rows each (shuffled, dealt round-robin) as a CSV."""
+    frame = load_hutto().sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    need = departments * rows
+    if need > len(frame):
+        raise ConfigError(f"{departments} departments x {rows} rows need {need} rows; Hutto has {len(frame)}.")
+    frame = frame.iloc[:need].copy()
+    frame[DEPARTMENT] = [f"dept{i % departments:03d}" for i in range(need)]
+    write_atomic(path, frame[[TEXT, LABEL, DEPARTMENT]].to_csv(index=False).encode())
+    return path
+
+
+def _sim_config(sim: SimSetup, data: Path, secagg: bool) -> dict[str, bool | int | float | str]:
+    return {"model": sim.model, "num-server-rounds": sim.rounds, "batch-size": sim.batch,
+            "local-epochs": sim.local_epochs, "max-length": sim.max_length, "secagg": secagg,
+            "sim-data": str(data), "sim-global-eval": False}
+
+
+def run_sim(sim: SimSetup, secagg: bool, work: Path, tag: str, memory: bool = False) -> dict[str, Any]:
+    """One simulation; per round: fit seconds, the departments' training seconds, peak tree memory."""
+    data = department_data(work / f"data-{sim.departments}x{sim.rows}.csv", sim.departments, sim.rows)
+    out = work / tag
+    peaks: list[int] = []
+    start = time.perf_counter()
+    with PeakSampler(tree_memory, MEMORY_INTERVAL_SECONDS) if memory else _NoSampler() as sampler:
+        base = tree_memory() if memory else 0
+
+        def on_round(_: Any) -> None:
+            if memory:
+                peaks.append(sampler.take_peak())
+
+        try:
+            report = simulate(_sim_config(sim, data, secagg), out, on_round=on_round)
+        except RuntimeError as exc:  # Flower's simulation runtime crashed (e.g. Ray's node did not start in time)
+            raise BenchError(f"simulation {tag} failed: {exc} ({exc.__cause__})") from exc
+    seconds = time.perf_counter() - start
+    rounds = []
+    for i, r in enumerate(report["rounds"]):
+        train = [d["train_seconds"] for d in r["departments"].values() if d.get("train_seconds") is not None]
+        rounds.append({"round": r["round"], "fit_seconds": r["fit_seconds"], "round_seconds": r["seconds"],
+                       "train_seconds_max": max(train) if train else None,
+                       "train_seconds_sum": sum(train) if train else None, "trained": len(train),
+                       "peak_bytes": peaks[i] if i < len(peaks) else None})
+    return {"departments": sim.departments, "secagg": secagg, "total_seconds": seconds, "rounds": rounds,
+            "baseline_bytes": base if memory else None}
+
+
+class _NoSampler:
+    def __enter__(self) -> _NoSampler:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def take_peak(self) -> int:
+        return 0
+
+
+def _steady(rounds: list[dict[str, Any]], key: str) -> float | None:
+    """Median of `key` over rounds 2.. (round 1 pays Ray's actor start-up)."""
+    values = [r[key] for r in rounds[1:] if r.get(key) is not None] or [r[key] for r in rounds if r.get(key)]
+    return _median(values)
+
+
+def _overhead(rounds: list[dict[str, Any]]) -> float | None:
+    values = [(r["fit_seconds"] - r["train_seconds_max"]) / r["fit_seconds"] for r in rounds[1:]
+              if r.get("train_seconds_max") is not None and r["fit_seconds"] > 0]
+    return _median(values)
+
+
+def bench_secagg(setup: BenchSetup, work: Path) -> dict[str, Any]:
+    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    for sim in setup.secagg:  # one run per setting: its rounds 2.. are the repeats
+        for secagg in (False, True):
+            tag = f"secagg-{sim.departments}-{'on' if secagg else 'off'}"
+            res = run_sim(sim, secagg, work, tag)
+            log.info("bench secagg: %s: fit rounds %s", tag, [x["fit_seconds"] for x in res["rounds"]])
+            runs.setdefault((sim.departments, secagg), []).append(res)
+    out = []
+    for sim in setup.secagg:
+        row: dict[str, Any] = {"departments": sim.departments, "setup": asdict(sim)}
+        for secagg in (False, True):
+            rounds = [x for res in runs[(sim.departments, secagg)] for x in res["rounds"][1:]]
+            fit = _median([x["fit_seconds"] for x in rounds])
+            nontrain = _median([x["fit_seconds"] - x["train_seconds_max"] for x in rounds
+                                if x["train_seconds_max"] is not None])
+            row["on" if secagg else "off"] = {"fit_seconds": fit, "non_training_seconds": nontrain,
+                                              "train_seconds_max": _median([x["train_seconds_max"] for x in rounds
+                                                                            if x["train_seconds_max"]]),
+                                              "overhead_fraction": _median(
+                                                  [(x["fit_seconds"] - x["train_seconds_max"]) / x["fit_seconds"]
+                                                   for x in rounds if x["train_seconds_max"] is not None]),
+                                              "runs": runs[(sim.departments, secagg)]}
+        row["ratio"] = _ratio(row["on"]["fit_seconds"], row["off"]["fit_seconds"])
+        row["ratio_excluding_training"] = _ratio(row["on"]["non_training_seconds"],
+                                                 row["off"]["non_training_seconds"])
+        out.append(row)
+    return {"rows": out, "repeats": min(s.rounds for s in setup.secagg) - 1}
+
+
+def bench_overhead(setup: BenchSetup, work: Path) -> dict[str, Any]:
+    res = run_sim(setup.overhead, True, work, "overhead")
+    return {"setup": asdict(setup.overhead), "repeats": setup.overhead.rounds - 1,
+            "overhead_fraction": _overhead(res["rounds"]),
+            "fit_seconds": _steady(res["rounds"], "fit_seconds"),
+            "train_seconds_max": _steady(res["rounds"], "train_seconds_max"), "run": res}
+
+
+def bench_scale(setup: BenchSetup, work: Path) -> dict[str, Any]:
+    res = run_sim(setup.scale, True, work, "scale", memory=True)
+    peaks = [r["peak_bytes"] for r in res["rounds"] if r["peak_bytes"] is not None]
+    growth = (peaks[-1] - peaks[1]) / peaks[1] if len(peaks) >= 3 else None
+    return {"setup": asdict(setup.scale), "repeats": setup.scale.rounds - 1,
+            "seconds_per_round": _steady(res["rounds"], "round_seconds"),
+            "fit_seconds_per_round": _steady(res["rounds"], "fit_seconds"), "peak_bytes_per_round": peaks,
+            "memory_growth_round2_to_last": growth, "run": res}
+
+
+# ---------------------------------------------------------------- communication
+
+
+def _update_bytes(arrays: list[np.ndarray], secagg: bool, n_examples: int, job: JobConfig) -> int:
+    """Bytes of a department's update as it leaves the site: Flower's ndarray serialisation; under SecAgg+ the
+    masked vector built by Flower's own quantisation and masking functions (as `secaggplus_mod` does)."""
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_combine,
+        parameters_addition,
+        parameters_mod,
+        parameters_multiply,
+    )
+    from flwr.common.secure_aggregation.quantization import quantize
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    from server.secagg import SECAGG_MODULUS
+
+    if not secagg:
+        return sum(len(ndarray_to_bytes(a)) for a in arrays)
+    q_ratio = round(n_examples / job.secagg_max_weight * job.secagg_quantization_range)
+    scaled = parameters_multiply(arrays, q_ratio / job.secagg_quantization_range)
+    quantized = factor_combine(q_ratio, quantize(scaled, job.secagg_clipping_range, job.secagg_quantization_range))
+    mask = pseudo_rand_gen(os.urandom(32), SECAGG_MODULUS, [a.shape for a in quantized])
+    masked = parameters_mod(parameters_addition(quantized, mask), SECAGG_MODULUS)
+    return sum(len(ndarray_to_bytes(a)) for a in masked)
+
+
+def bench_comm(setup: BenchSetup) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": setup.comm_model, "repeats": 1}  # deterministic sizes
+    for finetune in ("lora", "full"):
+        job = JobConfig(model=setup.comm_model, finetune=finetune, labels=LABELS)
+        arrays = [np.zeros_like(a) for a in get_trainable(build_model(job, 2).model)]
+        params = sum(a.size for a in arrays)
+        out[finetune] = {"parameters": int(params), "bytes_plain": _update_bytes(arrays, False, 1000, job),
+                         "bytes_secagg": _update_bytes(arrays, True, 1000, job)}
+    out["ratio_plain"] = out["lora"]["bytes_plain"] / out["full"]["bytes_plain"]
+    out["ratio_secagg"] = out["lora"]["bytes_secagg"] / out["full"]["bytes_secagg"]
+    return out
+
+
+# ---------------------------------------------------------------- driver and report
+
+
+def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
+              only: Sequence[str] = (), secagg_departments: Sequence[int] = ()) -> dict[str, Any]:
+    unknown = sorted(set(only) - set(PARTS))
+    if unknown:
+        raise ConfigError(f"Unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}.")
+    if repeats is not None and repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
+    previous: dict[str, Any] | None = None
+    if (out / BENCH_JSON).exists():
+        if not only:
+            raise ConfigError(f"{out} already holds a bench ({BENCH_JSON}); choose another --out, or name the parts "
+                              "to (re)measure with --only.")
+        previous = json.loads((out / BENCH_JSON).read_text())
+        if previous.get("quick") != quick:
+            raise ConfigError(f"{out} holds a {'quick' if previous.get('quick') else 'full'} bench; do not mix.")
+    setup = QUICK if quick else FULL
+    if repeats is not None:
+        setup = replace(setup, repeats=repeats)
+    if secagg_departments:
+        chosen = tuple(replace(setup.secagg[0], departments=n) for n in secagg_departments)
+        if any(n < 2 for n in secagg_departments):
+            raise ConfigError("SecAgg+ needs at least 2 departments per simulation.")
+        setup = replace(setup, secagg=chosen)
+    parts = [p for p in PARTS if not only or p in only]
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    default_mode = JobConfig().grad_sample_mode
+    result: dict[str, Any] = previous or {"quick": quick, "repeats": setup.repeats, "machine": describe(),
+                                          "goals": GOALS}
+    result["parts"] = [p for p in PARTS if p in result or p in parts]
+    steps = {"dp": lambda: bench_dp(setup, default_mode), "secagg": lambda: bench_secagg(setup, work),
+             "overhead": lambda: bench_overhead(setup, work), "comm": lambda: bench_comm(setup),
+             "scale": lambda: bench_scale(setup, work)}
+    if "dp" in result:  # summaries are derived from the raw repeats, also for a dp part measured earlier
+        result["dp"] = summarize_dp(result["dp"])
+    for part in parts:
+        start = time.perf_counter()
+        log.info("bench: %s ...", part)
+        load_before = describe()["load_average"]
+        result[part] = steps[part]()
+        result[part].setdefault("repeats", setup.repeats)
+        result[part].update({"bench_seconds": time.perf_counter() - start,
+                             "load_average": [load_before, describe()["load_average"]],
+                             "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_bench(result, out)  # after every part: an interrupted bench keeps what it measured
+    return result
+
+
+def write_bench(result: dict[str, Any], out: Path) -> None:
+    write_atomic(out / BENCH_JSON, json.dumps(result, indent=2, allow_nan=False).encode())
+    write_atomic(out / BENCH_MD, bench_markdown(result).encode())
+
+
+def _f(value: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _goal(value: float | None, goal: float) -> str:
+    return "n/a" if value is None else ("met" if value <= goal else "missed")
+
+
+def _measured(part: dict[str, Any]) -> str:
+    before, after = part["load_average"]
+    return (f"Measured {part['measured_utc']}, {part['repeats']} repeat(s), {part['bench_seconds'] / 60:.1f} min, "
+            f"load average {before} before, {after} after.")
+
+
+def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
+    """The bench's tables; with `only_part`, that part's section alone (with the machine), for the docs."""
+    m = result["machine"]
+    quick = " (--quick: tiny setup, figures meaningless)" if result["quick"] else ""
+    lines: list[str] = [] if only_part else [
+        f"## fedsilo bench{quick}", "",
+        f"Machine: {machine_line(m)}. Each part below gives its load average (1, 5, 15 min) before and after "
+        "it ran: the machine is shared, so compare ratios measured side by side, not absolute times."]
+
+    def wanted(part: str) -> bool:
+        return part in result and only_part in (None, part)
+
+    def _when(part: dict[str, Any]) -> str:
+        return _measured(part) + (f" Machine: {machine_line(m)}{quick}." if only_part else "")
+
+    if wanted("dp"):
+        dp = result["dp"]
+        s = dp["setup"]
+        lines += ["", "### DP-SGD step cost", "", _when(dp), "",
+                  f"Model {s['model']} ({s['finetune']}), batch {s['batch']}, sequence length {s['seq_len']}, Adam; "
+                  f"every variant built side by side in one process, {s['warmup']} warm-up step(s) and one "
+                  f"memory-profiled step each, then {s['steps']} rounds of one timed step per variant (round-robin); "
+                  "ratios are medians over rounds of the per-round ratio. Peak memory: "
+                  f"{dp['memory_method']} (peak bytes one step allocates above what was allocated before it).", "",
+                  "| variant | s/step | x non-private (per round) | peak memory added | x non-private |",
+                  "|---|---|---|---|---|"]
+        for name, v in dp["variants"].items():
+            mark = " (default)" if name == dp["default_mode"] else ""
+            per = ", ".join(f"{x:.2f}" for x in v.get("time_ratio_per_repeat", []))
+            lines.append(f"| {name}{mark} | {_f(v['step_seconds'], '.3f')} | {_f(v['time_ratio'])} ({per}) | "
+                         f"{_mib(v['peak_bytes'])} | {_f(v['memory_ratio'])} |")
+        d = dp["variants"][dp["default_mode"]]
+        lines += ["", f"Default mode `{dp['default_mode']}`: {_f(d['time_ratio'])}x time (goal <= "
+                      f"{GOALS['dp_time']}: {_goal(d['time_ratio'], GOALS['dp_time'])}), {_f(d['memory_ratio'])}x "
+                      f"peak memory (goal <= {GOALS['dp_memory']}: {_goal(d['memory_ratio'], GOALS['dp_memory'])}). "
+                      f"Fastest DP mode here: `{dp['fastest_mode']}`."]
+        eq = dp["equivalence"]
+        lines += ["", f"Same clipped, noised gradient across modes (one batch, clip norm {eq['clip_norm']:.4g} = "
+                      f"median per-sample norm, {eq['clipped_fraction']:.0%} of examples clipped; noise multiplier "
+                      f"{eq['noise_multiplier']:g}; reference `{eq['reference']}`):", "",
+                  "| mode | rel. L2 error of clipped sum (noise off) | noise std / (sigma C / B) |", "|---|---|---|"]
+        for name, v in eq["modes"].items():
+            lines.append(f"| {name} | {v['clipped_sum_relative_error']:.2e} | {v['noise_std_ratio']:.4f} "
+                         f"(over {v['noise_values']} values) |")
+    if wanted("secagg"):
+        lines += ["", "### SecAgg+ cost", "", _when(result["secagg"]), "",
+                  "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
+                  "2.. of each run; excluding training = fit time minus the slowest department's training time. The "
+                  "plain and SecAgg+ simulations run one after the other, so load that changes between them is not "
+                  "cancelled: read the ratio with the load figures above.", "",
+                  "| departments | model | local steps | plain s | SecAgg+ s | ratio | ratio excl. training |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in result["secagg"]["rows"]:
+            s = row["setup"]
+            lines.append(f"| {row['departments']} | {s['model']} | batch {s['batch']}, {s['local_epochs']:g} epoch of "
+                         f"{int(s['rows'] * 0.8)} | {_f(row['off']['fit_seconds'])} | {_f(row['on']['fit_seconds'])} "
+                         f"| {_f(row['ratio'])} ({_goal(row['ratio'], GOALS['secagg'])}) | "
+                         f"{_f(row['ratio_excluding_training'])} |")
+    if wanted("overhead"):
+        o = result["overhead"]
+        s = o["setup"]
+        lines += ["", "### Framework overhead", "", _when(o), "",
+                  f"{s['departments']} departments (one per core), {s['model']}, LoRA, DP, SecAgg+, "
+                  f"{int(s['rows'] * 0.8)} training rows each, batch {s['batch']}, {s['local_epochs']:g} local epoch: "
+                  f"fit round {_f(o['fit_seconds'])} s, slowest department's training {_f(o['train_seconds_max'])} s; "
+                  f"overhead (wall - slowest training) / wall = {_f(o['overhead_fraction'], '.1%')} "
+                  f"(goal <= {GOALS['overhead']:.0%}: {_goal(o['overhead_fraction'], GOALS['overhead'])})."]
+    if wanted("comm"):
+        c = result["comm"]
+        lines += ["", "### Communication per department per round", "", _when(c), "",
+                  f"Model {c['model']}; the update as serialised by Flower (float32), and under SecAgg+ the masked, "
+                  "quantised vector built with Flower's own functions (SecAgg+ key agreement adds a few hundred bytes "
+                  "per neighbour).", "",
+                  "| fine-tuning | trainable parameters | bytes plain | bytes SecAgg+ |", "|---|---|---|---|"]
+        for ft in ("lora", "full"):
+            lines.append(f"| {ft} | {c[ft]['parameters']:,} | {c[ft]['bytes_plain']:,} | {c[ft]['bytes_secagg']:,} |")
+        lines += ["", f"LoRA / full: {c['ratio_plain']:.2%} plain, {c['ratio_secagg']:.2%} with SecAgg+ "
+                      f"(goal <= {GOALS['comm']:.0%}: {_goal(c['ratio_secagg'], GOALS['comm'])})."]
+    if wanted("scale"):
+        sc = result["scale"]
+        s = sc["setup"]
+        peaks = ", ".join(_mib(p) for p in sc["peak_bytes_per_round"])
+        lines += ["", "### Scale", "", _when(sc), "",
+                  f"{s['departments']} departments, {s['model']}, DP + SecAgg+, {s['rounds']} rounds in one "
+                  f"simulation: {_f(sc['seconds_per_round'], '.1f')} s per round (fit + evaluation; fit alone "
+                  f"{_f(sc['fit_seconds_per_round'], '.1f')} s), median over rounds 2..; peak memory of the whole "
+                  f"process tree (PSS, sampled every {MEMORY_INTERVAL_SECONDS} s) per round: {peaks}; growth from "
+                  f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}."]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequence[str], docs: Path | None,
+                      secagg_departments: Sequence[int] = ()) -> str:
+    result = run_bench(out, quick=quick, repeats=repeats, only=only, secagg_departments=secagg_departments)
+    if docs is not None:
+        from simulations.docs import update_section
+
+        for part in result["parts"]:  # one section per part: parts measured by separate runs stay side by side
+            update_section(docs, f"bench-{part}", bench_markdown(result, only_part=part))
+    return bench_markdown(result)
+
+

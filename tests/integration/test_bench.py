@@ -1,0 +1,94 @@
+"""`fedsilo bench --quick` and `fedsilo study utility` on tiny setups: they run and write valid output.
+
+No timing assertions: benchmarks print figures, they are not timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from common.cli import main
+from simulations.bench import BENCH_JSON, BENCH_MD, PARTS
+from simulations.study import STUDY_JSON, STUDY_MD, UTILITY_PNG, run_study
+from tests.conftest import TINY_JOB, make_department_frame
+
+pytestmark = pytest.mark.slow
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.timeout(1800)  # five small simulations: minutes on an idle CI machine, far more on a shared one
+def test_bench_quick_writes_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    docs = tmp_path / "docs" / "benchmarks.md"
+    assert main(["bench", "--quick", "--out", str(out), "--docs", str(docs)]) == 0
+    result = json.loads((out / BENCH_JSON).read_text())
+    assert result["quick"] is True and result["parts"] == list(PARTS)
+    assert result["machine"]["cpu_cores"] >= 1
+    dp = result["dp"]
+    assert set(dp["variants"]) == {"non-private", "hooks", "functorch", "ghost"}
+    for v in dp["variants"].values():
+        assert _positive(v["step_seconds"]) and v["peak_bytes"] >= 0
+    for mode in dp["equivalence"]["modes"].values():
+        assert mode["clipped_sum_relative_error"] < 1e-4  # same clipped sum in every mode (same batch, no noise)
+        assert 0.8 < mode["noise_std_ratio"] < 1.2  # noise std sigma*C/B (2k values: a few % of sampling error)
+    for row in result["secagg"]["rows"]:
+        assert _positive(row["on"]["fit_seconds"]) and _positive(row["off"]["fit_seconds"])
+        assert _positive(row["ratio"])
+    assert 0 <= result["overhead"]["overhead_fraction"] < 1
+    comm = result["comm"]
+    assert 0 < comm["lora"]["bytes_plain"] < comm["full"]["bytes_plain"]
+    assert comm["lora"]["bytes_secagg"] > comm["lora"]["bytes_plain"]  # masked ints are wider than float32
+    scale = result["scale"]
+    assert len(scale["peak_bytes_per_round"]) == scale["setup"]["rounds"]
+    assert all(_positive(p) for p in scale["peak_bytes_per_round"])
+    table = (out / BENCH_MD).read_text()
+    assert "DP-SGD step cost" in table and "SecAgg+" in table and "Scale" in table
+    assert "fedsilo:bench-dp:start" in docs.read_text() and "fedsilo:bench-scale:start" in docs.read_text()
+    # an existing bench is never overwritten without naming the parts to remeasure
+    assert main(["bench", "--quick", "--out", str(out)]) == 2
+    assert json.loads((out / BENCH_JSON).read_text()) == result
+
+
+def test_bench_rejects_unknown_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--out", str(tmp_path / "b"), "--only", "nope"]) == 2
+    assert "fedsilo: error: Unknown bench part" in capsys.readouterr().err
+    assert not (tmp_path / "b" / BENCH_JSON).exists()
+
+
+def test_utility_study_on_a_tiny_setup(tmp_path: Path) -> None:
+    data = tmp_path / "departments.csv"
+    make_department_frame({"cardiology": 40, "oncology": 32}).to_csv(data, index=False)
+    rc = {**TINY_JOB, "num-server-rounds": 2, "sim-data": str(data)}
+    study = run_study(rc, tmp_path / "study", epsilons=[8.0])
+    saved = json.loads((tmp_path / "study" / STUDY_JSON).read_text())
+    assert [a["name"] for a in saved["arms"]] == ["centralized", "federated", "federated-dp-eps8"]
+    steps = saved["budget"]["total_steps"]
+    assert steps == 2 * sum(saved["budget"]["steps_per_round"].values())
+    for arm in saved["arms"]:
+        assert 0 <= arm["global_accuracy"] <= 1
+        assert set(arm["departments"]) == {"cardiology", "oncology"}
+        assert arm["steps"] == steps  # one compute budget for every arm
+    assert set(saved["goals"]) == {"dp_eps8_gap_points", "federated_gap_points"}
+    assert saved["arms"][2]["epsilon_spent"]["cardiology"] <= 8.0
+    assert (tmp_path / "study" / UTILITY_PNG).stat().st_size > 0
+    assert "| federated-dp-eps8 | 8 |" in (tmp_path / "study" / STUDY_MD).read_text()
+    assert study.arm("centralized") is not None
+    # --resume with every arm done runs nothing and keeps the results
+    again = run_study(rc, tmp_path / "study", epsilons=[8.0], resume=True)
+    assert [a.global_accuracy for a in again.arms] == [a["global_accuracy"] for a in saved["arms"]]
+    with pytest.raises(Exception, match="already holds a study"):
+        run_study(rc, tmp_path / "study", epsilons=[8.0])
+    # --render rewrites the table and the docs section from study.json without running anything
+    docs = tmp_path / "docs" / "benchmarks.md"
+    assert main(["study", "utility", "--out", str(tmp_path / "study"), "--render", "--docs", str(docs)]) == 0
+    assert "| federated-dp-eps8 | 8 |" in docs.read_text() and (docs.parent / UTILITY_PNG).is_file()
+    assert main(["study", "utility", "--out", str(tmp_path / "none"), "--render"]) == 2
+    with pytest.raises(Exception, match="sets dp"):
+        run_study({**rc, "dp": False}, tmp_path / "other")
