@@ -7,7 +7,7 @@ which SecAgg+ requires in Flower 1.41.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +16,10 @@ from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.egress import EgressAudit
 from common import keys
 from common.config import JobConfig
 from common.errors import SecureAggregationError
@@ -26,6 +27,7 @@ from common.paths import cache_dir
 
 if TYPE_CHECKING:
     from client.runner import Department
+    from client.site import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +55,36 @@ class DepartmentClient(NumPyClient):
         return loss, n, dict(metrics)
 
 
-def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
-    # Imported here, not at module level: Flower starts a fresh process for every message, and three of SecAgg+'s
-    # four stages never reach the department's code; they should not pay for importing torch and transformers.
-    from client.runner import Department
+def _site(context: Context, overrides: Mapping[str, bool | int | float | str]) -> SiteConfig:
+    """This node's site config (no torch import: every message needs it for the egress record)."""
     from client.site import resolve_site
     from common.data import resolve_job
 
     job, sim = resolve_job({**context.run_config, **overrides})
-    site = resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
-    return Department(site, job, str(context.run_id))
+    return resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
 
 
-def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None) -> ClientApp:
-    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation)."""
+def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
+    # Imported here, not at module level: Flower starts a fresh process for every message, and three of SecAgg+'s
+    # four stages never reach the department's code; they should not pay for importing torch and transformers.
+    from client.runner import Department
+    from common.data import resolve_job
+
+    job, _ = resolve_job({**context.run_config, **overrides})
+    return Department(_site(context, overrides), job, str(context.run_id))
+
+
+def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None,
+                     outer_mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation).
+
+    Mods, outermost first: `outer_mods` (tests use one to intercept what leaves), the egress audit (records every
+    reply at the site, after SecAgg+ masking), then the SecAgg+ guard.
+    """
     fixed = dict(overrides or {})
+
+    def site_of(context: Context) -> SiteConfig:
+        return _site(context, fixed)
 
     def client_fn(context: Context) -> Client:
         return DepartmentClient(_department(context, fixed)).to_client()
@@ -83,7 +100,7 @@ def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = 
                                          "request; refusing to send an update in the clear.")
         return call_next(msg, ctxt)
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_guard_mod])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, EgressAudit(site_of).mod, secagg_guard_mod])
 
 
 app = build_client_app()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
 from client.site import simulated_sites
@@ -57,8 +58,12 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path) -> tuple[dic
 
 
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
-             on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0) -> dict[str, Any]:
-    """Run the simulation; returns the report. Raises on bad config or if the rounds did not complete."""
+             on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0,
+             client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+    """Run the simulation; returns the report. Raises on bad config or if the rounds did not complete.
+
+    `client_mods` run outermost in every department's ClientApp (tests use them to intercept what leaves).
+    """
     rc, job, n_sites = prepare(rc, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
@@ -70,7 +75,7 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
 
     log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
     run_simulation(server_app=build_server_app(rc, simulation=True, on_round=on_round),
-                   client_app=build_client_app(rc), num_supernodes=n_sites, backend_config=backend_config)
+                   client_app=build_client_app(rc, client_mods), num_supernodes=n_sites, backend_config=backend_config)
     report_path = out_dir / REPORT_JSON
     if not report_path.exists():
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")
