@@ -240,3 +240,22 @@ class EgressAudit:
                   msg.metadata.message_type, base["round"], base["secagg_stage"])
         return reply
 
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One line for `fedsilo budget`: when, what kind, how much, epsilon before -> after, to whom."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(record.get("time", 0))))
+    kind = str(record.get("message_type"))
+    if record.get("secagg_stage"):
+        kind += f"/{record['secagg_stage']}"
+    arrays = record.get("arrays", [])
+    names = sorted({str(m["name"]) for m in [*record.get("metrics", []), *record.get("configs", [])]})
+    text = (f"{when} run {record.get('run_id')} round {record.get('round')} {kind}: {len(arrays)} tensor(s), "
+            f"{record.get('bytes', 0)} bytes; fields {', '.join(names) or '-'}; "
+            f"epsilon {record.get('epsilon_before', 0):.4f} -> {record.get('epsilon_after', 0):.4f}")
+    if record.get("server"):
+        cert = record.get("server_cert_sha256") or f"unknown ({record.get('server_cert_error')})"
+        text += f"; to {record['server']} (certificate sha256 {cert})"
+    if record.get("error"):
+        text += f"; ERROR {record['error']}"
+    return text

@@ -88,3 +88,20 @@ def test_rerun_into_the_same_directory_is_refused(run: tuple[Path, dict[str, Any
     with pytest.raises(ConfigError, match="already holds a run"):
         simulate(dict(TINY_JOB), out)
     assert (out / REPORT_JSON).read_bytes() == before
+
+
+def test_ledgers_agree_with_opacus_accountants_and_report_states_the_guarantee(
+        run: tuple[Path, dict[str, Any]]) -> None:
+    from common.accountant_check import AGREEMENT, PRIVACY_UNIT, check_ledger
+
+    out, report = run
+    for name in ("cardiology", "oncology"):
+        ledger = LedgerFile(out / "sites" / name / "ledger.json", name, BUDGET, 1e-5, "rdp").read()
+        checks = check_ledger(ledger.entries, ledger.delta, ledger.accountant)
+        assert len(checks) == 2
+        for c in checks:
+            assert c.relative_difference <= AGREEMENT  # the configured (RDP) accountant agrees within 1 %
+            assert 0 < c.prv <= c.rdp  # PRV, reported beside it, is no looser
+    privacy = report["final"]["privacy"]
+    assert privacy["unit"] == PRIVACY_UNIT and privacy["accountant"] == "rdp"
+    assert privacy["epsilon_max"] == pytest.approx(max(e for e in report["final"]["epsilon"].values()))
