@@ -105,3 +105,23 @@ def test_ledgers_agree_with_opacus_accountants_and_report_states_the_guarantee(
     privacy = report["final"]["privacy"]
     assert privacy["unit"] == PRIVACY_UNIT and privacy["accountant"] == "rdp"
     assert privacy["epsilon_max"] == pytest.approx(max(e for e in report["final"]["epsilon"].values()))
+
+
+def test_audit_runs_on_the_simulation_output(run: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture) -> None:
+    from common.cli import main
+    from simulations.audit import AUDIT_JSON, ROC_PNG
+
+    out, report = run
+    assert main(["audit", str(out), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "all departments" in printed and "TPR@1%FPR" in printed and "PRV" in printed
+    audit = json.loads((out / AUDIT_JSON).read_text())
+    assert (out / ROC_PNG).stat().st_size > 0
+    assert set(audit["results"]) == {"cardiology", "oncology", "radiology", "all departments"}
+    for name, n in (("cardiology", 48), ("radiology", 32)):
+        assert audit["results"][name]["members"] == n
+        assert audit["results"][name]["non_members"] == report["departments"][name]["n_test"]
+    pooled = audit["results"]["all departments"]
+    assert 0 <= pooled["auc_ci"][0] <= pooled["auc"] <= pooled["auc_ci"][1] <= 1
+    assert set(audit["accountant_check"]) == {"cardiology", "oncology"}  # radiology declined: no charge, no ledger file
+    assert all(c["agrees"] for checks in audit["accountant_check"].values() for c in checks)
