@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,34 @@ def test_budget_shows_ledger_egress_and_accountant_check(tmp_path: Path, capsys:
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["egress"]) == 1 and doc["egress"][0]["arrays"][0]["shape"] == [4, 3]
     assert TEXT not in json.dumps(doc)
+
+
+def test_deployment_records_the_server_certificate_fingerprint(tmp_path: Path) -> None:
+    import socket
+    import ssl
+    import threading
+
+    from common.certs import provision
+
+    done = provision(tmp_path / "certs", sans=["127.0.0.1"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(done.server.cert, done.server.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True):
+            pass
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    site = replace(_site(tmp_path), server=f"127.0.0.1:{port}", ca=str(done.ca.cert))
+    try:
+        EgressAudit(lambda _: site).mod(_incoming(), _context(), lambda m, c: _fit_reply(m))
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    (record,) = read_egress_log(egress_log_path(Path(site.ledger)))
+    assert record["server"] == site.server
+    assert record["server_cert_sha256"] == done.server.fingerprint
