@@ -195,7 +195,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="membership-inference audit of a simulation's global model",
                        description="Loss-threshold membership inference against a finished simulation's global "
                                    "model (members: departments' training rows; non-members: their held-out rows): "
-                                   "AUC and TPR at 1%% FPR with bootstrap CIs, ROC plot; plus a cross-check of "
+                                   "AUC and TPR at 1% FPR with bootstrap CIs, ROC plot; plus a cross-check of "
                                    "every site ledger with Opacus' RDP and PRV accountants.")
     p.add_argument("run_dir", type=Path, help="the simulation's output directory (fedsilo simulate --out)")
     p.add_argument("--out", type=Path, help="where to write audit.json and audit_roc.png (default: run_dir)")
