@@ -2,13 +2,21 @@
 
 The site config file (not the server's job) says where the data and the ledger are and what the budget is; the
 SuperNode hands its path to every ClientApp run as `node_config["site-config"]`.
+
+The SuperNode (subprocess isolation) starts Flower's executor, which starts a `flwr-clientapp` process per message,
+by name. `install_gate` provides a directory whose `flwr-clientapp` is fedsilo's gate (`client.gate`), put first on
+the SuperNode's PATH: the site runs its own installed ClientApp for approved jobs only, never the job's bundle.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
+import tempfile
 from pathlib import Path
 
+from client.gate import FLOWER_CLIENTAPP
 from client.site import SiteConfig
 from common import keys
 from common.certs import load_certificate
@@ -26,7 +34,14 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
     site = SiteConfig.from_toml(site_config)
     if not site.server:
         raise ConfigError(f"Site config {site_config}: set 'server' (the coordination server's host:port).")
+    if not site.policy.approved_apps:
+        raise ConfigError(f"Site config {site_config}: [policy] approved_apps is empty, so this site would refuse "
+                          'every job. Approve the app you run (approved_apps = ["installed"]) or digests from '
+                          "`fedsilo app digest`.")
+    approved = site.policy.approved_digests()  # fails here, not at the first job, if a digest cannot be built
+    log.info("client: site %s approves app(s) %s", site.name, ", ".join(sorted(approved)))
     cmd = [flower_tool("flower-supernode"), "--superlink", site.server, "--port", str(port),
+           "--isolation", "subprocess",
            "--node-config", f'{keys.NODE_SITE_CONFIG}="{site_config.resolve()}"']
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
@@ -45,3 +60,25 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
     load_certificate(Path(site.ca))
     check_port_free("127.0.0.1", port)
     return [*cmd, "--root-certificates", site.ca, "--auth-supernode-private-key", site.node_key]
+
+
+REFUSED_EXIT = 126
+
+
+def install_gate(parent: Path | None = None) -> Path:
+    """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, and, for every other
+    app process Flower's executor can start by name (agent apps, connectors, ...; each would load the job's own
+    bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    bin_dir = Path(tempfile.mkdtemp(prefix="fedsilo-gate-", dir=parent))  # mode 0700
+    for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP}:
+        if command == FLOWER_CLIENTAPP:
+            body = f"exec {shlex.quote(sys.executable)} -m client.gate \"$@\""
+        else:
+            body = (f"echo 'fedsilo: this site runs only its own ClientApp; refusing {command}' >&2\n"
+                    f"exit {REFUSED_EXIT}")
+        script = bin_dir / command
+        script.write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+        script.chmod(0o700)
+    return bin_dir

@@ -24,7 +24,7 @@ from client.train import train_round
 from common import keys
 from common.config import JobConfig
 from common.data import Split
-from common.errors import BudgetExhaustedError, ModelError, PrivacyError, SecureAggregationError
+from common.errors import BudgetExhaustedError, ModelError, PolicyError, PrivacyError, SecureAggregationError
 from common.model import BuiltModel, base_fingerprint, build_model, device
 from common.params import get_trainable, max_abs, set_trainable, subtract
 from common.privacy import noise_for_budget, sample_rate, steps_per_round
@@ -92,20 +92,18 @@ class Department:
         q = sample_rate(self.job.batch_size, n)
         steps = steps_per_round(self.job.local_epochs, q)
         with self.ledger_file.open() as ledger:
+            try:
+                self.site.policy.check_job(self.site.name, self.job)
+            except PolicyError as exc:
+                return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_POLICY, exc)
             sigma: float | None = None
             if self.job.dp:
-                remaining_rounds = max(1, num_rounds - server_round + 1)
                 try:
-                    sigma = noise_for_budget(history=ledger.history, epsilon_budget=ledger.epsilon_budget,
-                                             delta=ledger.delta, q=q, steps=steps * remaining_rounds,
-                                             accountant=ledger.accountant)
+                    sigma = self._plan_noise(ledger, q, steps * max(1, num_rounds - server_round + 1))
                     self.ledger_file.charge(ledger, run_id=self.run_id, server_round=server_round,
                                             charge=(sigma, q, steps))
                 except BudgetExhaustedError as exc:
-                    log.warning("fit: site %s declines round %s: %s", self.site.name, server_round, exc)
-                    metrics = self._base_metrics(ledger, keys.STATUS_DECLINED_BUDGET)
-                    metrics[keys.M_REASON] = str(exc)
-                    return FitOutcome([np.zeros_like(a) for a in global_arrays], 0, metrics)
+                    return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_BUDGET, exc)
             metrics = self._base_metrics(ledger, keys.STATUS_TRAINED)
         built = self._model(global_arrays, fingerprint)
         data = self._encode(built, self.split.train_texts, self.split.train_labels)
@@ -123,6 +121,25 @@ class Department:
         metrics.update({keys.M_NOISE: sigma if sigma is not None else 0.0, keys.M_STEPS: result.steps,
                         keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds})
         return FitOutcome(update, n, metrics)
+
+    def _plan_noise(self, ledger: Ledger, q: float, steps: int) -> float:
+        """Noise for `steps` more steps that keeps the site within its total budget and, when its policy caps
+        one job's spending, this job's own charges within that cap (the larger noise satisfies both)."""
+        sigma = noise_for_budget(history=ledger.history, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta,
+                                 q=q, steps=steps, accountant=ledger.accountant)
+        cap = self.site.policy.max_epsilon_per_job
+        if cap is not None:
+            this_job = [e.charge for e in ledger.entries if e.run_id == self.run_id]
+            sigma = max(sigma, noise_for_budget(history=this_job, epsilon_budget=cap, delta=ledger.delta, q=q,
+                                                steps=steps, accountant=ledger.accountant))
+        return sigma
+
+    def _decline(self, ledger: Ledger, global_arrays: list[np.ndarray], server_round: int, status: str,
+                 why: Exception) -> FitOutcome:
+        log.warning("fit: site %s declines round %s: %s", self.site.name, server_round, why)
+        metrics = self._base_metrics(ledger, status)
+        metrics[keys.M_REASON] = str(why)
+        return FitOutcome([np.zeros_like(a) for a in global_arrays], 0, metrics)
 
     def _check_secagg_range(self, update: list[np.ndarray], n: int) -> None:
         """SecAgg+ clips `update * n / max_weight` to +-clipping_range silently: detect it instead."""

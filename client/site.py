@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from client.policy import SitePolicy
 from common import keys
 from common.config import ACCOUNTANTS, JobConfig, SimulationConfig
 from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, departments_of, load_source, split_department
@@ -45,6 +46,8 @@ class SiteConfig:
     ca: str = ""  # CA certificate the server's TLS certificate must chain to
     node_key: str = ""  # this site's private node key (OpenSSH, EC P-384), registered at the server
     insecure: bool = False  # plaintext, no node authentication: local development only
+    # What this site accepts from a job (the [policy] table): approved app bundles, per-job limits, server pin.
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def validate(self) -> None:
         if not self.name.strip():
@@ -76,9 +79,11 @@ class SiteConfig:
         if missing:
             raise ConfigError(f"Site config {path}: missing key(s) {missing}.")
         for f in fields(cls):
-            if f.name in doc and not _has_type(doc[f.name], str(f.type)):
+            if f.name in doc and f.name != "policy" and not _has_type(doc[f.name], str(f.type)):
                 raise ConfigError(f"Site config {path}: key '{f.name}' must be of type {f.type}, "
                                   f"got {doc[f.name]!r}.")
+        if "policy" in doc:
+            doc["policy"] = SitePolicy.from_table(doc["policy"], path)
         base = path.parent
         doc["data"] = doc["data"] if doc["data"] == "hutto" else str((base / doc["data"]).resolve())
         for key in ("ledger", "ca", "node_key"):

@@ -286,12 +286,12 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec(cmd: list[str], env: dict[str, str] | None = None) -> int:
+def _exec(cmd: list[str], env: dict[str, str] | None = None, *, path_first: Path | None = None) -> int:
     """Replace this process with a Flower executable (signals and exit status go straight to it)."""
     print(f"fedsilo: exec {shlex.join(cmd)}", file=sys.stderr, flush=True)
     from common.runtime import tool_env
 
-    os.execve(cmd[0], cmd, tool_env(env))  # noqa: S606 (argument list, no shell)
+    os.execve(cmd[0], cmd, tool_env(env, first=path_first))  # noqa: S606 (argument list, no shell)
     return 0  # not reached
 
 
@@ -301,7 +301,8 @@ def _cmd_server_start(args: argparse.Namespace) -> int:
     if args.insecure:
         print("fedsilo: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can read "
               "the traffic and join as a department. Local development only.", file=sys.stderr)
-    cmd = prepare_server(args.state_dir, args.certs, args.host, args.port, insecure=args.insecure)
+    cmd = prepare_server(args.state_dir, args.certs, args.host, args.port, insecure=args.insecure,
+                         operator_networks=args.operator_network)
     return _exec(cmd, ServerState(args.state_dir).env())
 
 
@@ -336,7 +337,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         rc["secagg"] = False
     if args.no_dp:
         rc["dp"] = False
-    status = submit_job(args.state_dir, rc)
+    status = submit_job(args.state_dir, rc, args.app)
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
     report = json.loads((out / REPORT_JSON).read_text())
@@ -347,9 +348,17 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_client_start(args: argparse.Namespace) -> int:
-    from client.deploy import supernode_command
+    from client.deploy import install_gate, supernode_command
 
-    return _exec(supernode_command(args.site_config, port=args.port, max_retries=args.max_retries))
+    cmd = supernode_command(args.site_config, port=args.port, max_retries=args.max_retries)
+    return _exec(cmd, path_first=install_gate())
+
+
+def _cmd_app_digest(args: argparse.Namespace) -> int:
+    from common.appbundle import app_dir, build_bundle, bundle_digest
+
+    print(bundle_digest(build_bundle(args.app or app_dir())))
+    return 0
 
 
 def _add_deployment(sub: argparse._SubParsersAction) -> None:
@@ -361,6 +370,8 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     start.add_argument("--port", type=int, default=47100, help="HTTPS port (default 47100)")
     start.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (dev only)")
+    start.add_argument("--operator-network", action="append", default=[], metavar="CIDR",
+                       help="also let this network submit jobs (Control API); default: this host only")
     start.set_defaults(func=_cmd_server_start)
     reg = ssub.add_parser("register", help="register a department's node public key")
     reg.add_argument("--state-dir", type=Path, required=True)
@@ -380,6 +391,8 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-secagg", action="store_true", help="sites that require SecAgg+ will refuse")
     run.add_argument("--no-dp", action="store_true", help="sites that do not allow it will refuse")
     run.add_argument("--config", "-c", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
+    run.add_argument("--app", type=Path, help="submit this app directory instead of this installation's "
+                     "(sites run only app bundles their policy approves)")
     run.set_defaults(func=_cmd_server_run)
 
     client = sub.add_parser("client", help="run a department's client (Flower SuperNode)")
@@ -389,6 +402,12 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     cstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     cstart.add_argument("--max-retries", type=int, help="give up after this many connection attempts")
     cstart.set_defaults(func=_cmd_client_start)
+
+    app = sub.add_parser("app", help="the identity of fedsilo's job code, which sites approve")
+    asub = app.add_subparsers(dest="app_command", required=True)
+    digest = asub.add_parser("digest", help="print the sha256 of the app bundle `flwr run` submits for an app dir")
+    digest.add_argument("--app", type=Path, help="a fedsilo app directory (default: this installation)")
+    digest.set_defaults(func=_cmd_app_digest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,3 +35,8 @@ class BudgetExhaustedError(PrivacyError):
 
 class SecureAggregationError(PrivacyError):
     """An update cannot be represented exactly by SecAgg+ (it would be clipped) or SecAgg+ is required but absent."""
+
+
+class PolicyError(PrivacyError):
+    """A job asks for something the site's own policy does not allow (unapproved app, too many rounds or too much
+    epsilon, an unpinned server); the site refuses it."""

@@ -25,6 +25,7 @@ M_REASON: Final = "reason"
 # Department statuses recorded per round by the server.
 STATUS_TRAINED: Final = "trained"
 STATUS_DECLINED_BUDGET: Final = "declined_budget"
+STATUS_DECLINED_POLICY: Final = "declined_policy"
 STATUS_FAILED: Final = "failed"
 STATUS_NOT_SEEN: Final = "not_seen"
 

@@ -26,11 +26,13 @@ def flower_tool(name: str) -> str:
     return found
 
 
-def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def tool_env(base: dict[str, str] | None = None, *, first: Path | None = None) -> dict[str, str]:
     """Environment for Flower's executables: they start each other by name (e.g. the SuperLink starts
-    `flower-superexec`), so the directory holding them must be on PATH."""
+    `flower-superexec`), so the directory holding them must be on PATH; `first` goes before it (a directory whose
+    executables take the place of Flower's, e.g. the site's ClientApp gate)."""
     env = dict(os.environ if base is None else base)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    head = [str(first)] if first is not None else []
+    env["PATH"] = os.pathsep.join([*head, str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

@@ -7,13 +7,18 @@ operator's `flwr` connection lives in `<state-dir>/flwr-home/config.toml` (Flowe
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shlex
 import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.appbundle import app_dir, stage_app
 from common.certs import check_certificate
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError
@@ -58,18 +63,28 @@ class ServerState:
                               f"--state-dir {self.root}` first.")
 
 
-def superlink_command(state: ServerState, certs: Path | None, host: str, port: int) -> list[str]:
-    """The `flower-superlink` invocation: TLS + node authentication, or plaintext when `certs` is None."""
-    cmd = [flower_tool("flower-superlink"), "--host", host, "--port", str(port), "--database", str(state.database),
-           "--disable-runtime-dependency-installation"]
+def superlink_command(state: ServerState, certs: Path | None, host: str, port: int,
+                      operator_networks: Sequence[str] = ()) -> list[str]:
+    """The SuperLink invocation (Flower's, with the Control/Runtime APIs for the operator only: `server.superlink`):
+    TLS + node authentication, or plaintext when `certs` is None."""
+    cmd = [sys.executable, "-m", "server.superlink", "--host", host, "--port", str(port),
+           "--database", str(state.database), "--disable-runtime-dependency-installation"]
+    for net in operator_networks:
+        cmd += ["--operator-network", net]
     if certs is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-ca-certfile", str(certs / CA_FILE), "--ssl-certfile", str(certs / SERVER_CERT),
             "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth"]
 
 
-def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *, insecure: bool) -> list[str]:
+def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *, insecure: bool,
+                   operator_networks: Sequence[str] = ()) -> list[str]:
     """Check certificates and port, write the operator's connection, return the SuperLink command."""
+    for net in operator_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"--operator-network {net!r} is not a network (CIDR, e.g. 10.0.5.0/24): {exc}") from exc
     if certs is None and not insecure:
         raise ConfigError("TLS certificates are required (--certs DIR from `fedsilo certs init`); plaintext only with "
                           "--insecure, for local development.")
@@ -87,7 +102,7 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
     # server certificate needs a 127.0.0.1 SAN for it).
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)  # noqa: S104 (mapping a wildcard to loopback, not binding)
     state.write_connection(f"{local}:{port}", certs / CA_FILE if certs is not None else None)
-    return superlink_command(state, certs, host, port)
+    return superlink_command(state, certs, host, port, operator_networks)
 
 
 def _flwr(state: ServerState, *args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
@@ -113,15 +128,6 @@ def list_nodes(state_dir: Path) -> str:
     return proc.stdout
 
 
-def app_dir() -> Path:
-    """The Flower app directory (fedsilo's pyproject.toml with [tool.flwr.app]) that jobs are built from."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise DeploymentError(f"No pyproject.toml beside fedsilo's packages in {root}: submit jobs from a fedsilo "
-                              "checkout (pip install -e .).")
-    return root
-
-
 def _toml_value(value: bool | int | float | str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -132,8 +138,9 @@ def _toml_value(value: bool | int | float | str) -> str:
     return f"'{value}'"
 
 
-def submit_job(state_dir: Path, rc: RunConfig) -> int:
-    """Validate the job here, then `flwr run` it on the SuperLink and stream its log until it ends."""
+def submit_job(state_dir: Path, rc: RunConfig, app: Path | None = None) -> int:
+    """Validate the job here, then `flwr run` it (this installation's app, or `app`) on the SuperLink and stream
+    its log until it ends. Sites run only app bundles their policy approves (`fedsilo app digest`)."""
     check_known_keys(rc)
     job = JobConfig.from_run_config(rc)
     if not job.label_names:
@@ -141,6 +148,8 @@ def submit_job(state_dir: Path, rc: RunConfig) -> int:
     if not job.out_dir:
         raise ConfigError("A deployed job needs an output directory on the server (--out).")
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
-    proc = _flwr(ServerState(state_dir), "run", str(app_dir()), CONNECTION, "--run-config", overrides, "--stream",
-                 capture=False)
+    with tempfile.TemporaryDirectory(prefix="fedsilo-app-") as staged:
+        stage_app(app or app_dir(), Path(staged))
+        proc = _flwr(ServerState(state_dir), "run", staged, CONNECTION, "--run-config", overrides, "--stream",
+                     capture=False)
     return proc.returncode

@@ -81,8 +81,11 @@ class Processes:
             proc.wait(timeout=10)
 
 
+APPROVE_INSTALLED = '[policy]\napproved_apps = ["installed"]'
+
+
 def write_site(root: Path, name: str, port: int, certs: Path, *, ca: Path | None = None, key: str | None = None,
-               insecure: bool = False, host: str = "127.0.0.1") -> Path:
+               insecure: bool = False, host: str = "127.0.0.1", policy: str = APPROVE_INSTALLED) -> Path:
     site = root / "sites" / name
     site.mkdir(parents=True, exist_ok=True)
     frame = make_department_frame({name: SITES.get(name, 40)})
@@ -93,5 +96,5 @@ def write_site(root: Path, name: str, port: int, certs: Path, *, ca: Path | None
         lines.append("insecure = true")
     else:
         lines += [f'ca = "{ca or certs / "ca.crt"}"', f'node_key = "{certs / (key or name)}"']
-    (site / "site.toml").write_text("\n".join(lines) + "\n")
+    (site / "site.toml").write_text("\n".join([*lines, policy]) + "\n")
     return site / "site.toml"

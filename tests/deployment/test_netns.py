@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from common.appbundle import app_dir
 from common.certs import provision
 from tests.deployment.harness import FEDSILO, JOB, SITES, Processes, wait_for_port, write_site
 
@@ -100,5 +102,41 @@ def test_job_across_network_namespaces(namespaces: dict[str, str], tmp_path: Pat
         for i, name in enumerate(SITES, 1):
             assert (tmp_path / "sites" / name / "ledger.json").exists()
             assert f"{SUBNET.format(i=i, host=1)}:{PORT}" in (tmp_path / "sites" / name / "site.toml").read_text()
+        _department_cannot_submit_or_read_jobs(in_ns, tmp_path, certs)
     finally:
         procs.stop_all()
+
+
+def _department_cannot_submit_or_read_jobs(in_ns: dict[str, tuple[str, ...]], tmp_path: Path, certs: Path) -> None:
+    """With a department's credentials (CA certificate, node key) and its network position, neither Flower's CLI nor
+    raw HTTPS requests reach the Control or Runtime API; the operator (on the server host) still does."""
+    address = f"{SUBNET.format(i=1, host=1)}:{PORT}"
+    home = tmp_path / "department-flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "dept"\n\n[superlink.dept]\naddress = "{address}"\n'
+                                      f'root-certificates = "{certs / "ca.crt"}"\n')
+    flwr = [*in_ns["cardiology"], "env", f"FLWR_HOME={home}", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+            str(Path(sys.executable).parent / "flwr")]
+    submit = subprocess.run([*flwr, "run", str(app_dir()), "dept", "--run-config", "labels='negative,positive'"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert submit.returncode != 0, submit.stdout + submit.stderr
+    listing = subprocess.run([*flwr, "ls", "dept"], capture_output=True, text=True, timeout=300, check=False)
+    assert listing.returncode != 0, listing.stdout + listing.stderr
+    probe = ("import ssl, sys, urllib.request, urllib.error\n"
+             f"ctx = ssl.create_default_context(cafile={str(certs / 'ca.crt')!r})\n"
+             "for path in sys.argv[1:]:\n"
+             f"    req = urllib.request.Request('https://{address}' + path, data=b'', method='POST')\n"
+             "    try:\n"
+             "        print(path, urllib.request.urlopen(req, context=ctx, timeout=30).status)\n"
+             "    except urllib.error.HTTPError as e:\n"
+             "        print(path, e.code)\n")
+    paths = ["/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/pull-messages"]
+    raw = subprocess.run([*in_ns["cardiology"], sys.executable, "-c", probe, *paths], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert raw.stdout.split() == [w for p in paths for w in (p, "403")], raw.stdout
+    # The operator, on the server host, still lists the runs: exactly the one job it submitted.
+    operator = subprocess.run([*in_ns["server"], "env", f"FLWR_HOME={tmp_path / 'state' / 'flwr-home'}",
+                               str(Path(sys.executable).parent / "flwr"), "ls", "fedsilo", "--format", "json"],
+                              capture_output=True, text=True, timeout=300, check=False)
+    assert operator.returncode == 0, operator.stdout + operator.stderr
+    assert len(json.loads(operator.stdout)["runs"]) == 1

@@ -1,0 +1,131 @@
+"""The site's ClientApp process: it runs the site's own fedsilo, never the code a job ships.
+
+In a Flower deployment the SuperNode hands each message of a run to a fresh `flwr-clientapp` process, which
+installs the run's app bundle (FAB) and imports its ClientApp: whoever submits a job chooses the code that runs on
+the site's data. `fedsilo client start` puts this module in that place instead (see `client.deploy`). For each
+message it:
+
+1. pulls the message, the run and the FAB from the local SuperNode (Flower's Runtime API, as `flwr-clientapp`);
+2. checks the FAB's sha256 against the site's policy (`approved_apps`) using only its bytes: the bundle is never
+   unpacked, installed or imported, approved or not;
+3. checks the job against the policy (server pinning here; rounds and per-job epsilon in `client.runner`);
+4. runs the ClientApp of the fedsilo installed at this site (`client.app:app`), whose ledger and checks the site
+   has reviewed, and pushes its reply.
+
+A refused job gets an error reply naming the reason; the server records it in the round's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.site import SiteConfig
+from common import keys
+from common.errors import ConfigError, FedsiloError, PolicyError
+
+log = logging.getLogger(__name__)
+
+# Flower's own ClientApp process name: the SuperNode's executor starts it by this name (see client.deploy).
+FLOWER_CLIENTAPP = "flwr-clientapp"
+
+
+def site_of(context: Context) -> SiteConfig:
+    """The site config the SuperNode was started with (node config, set by the site, not by the job)."""
+    path = context.node_config.get(keys.NODE_SITE_CONFIG)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"This SuperNode has no '{keys.NODE_SITE_CONFIG}' node config: start it with "
+                          "`fedsilo client start`.")
+    return SiteConfig.from_toml(Path(path))
+
+
+def admit(site: SiteConfig, fab: bytes) -> str:
+    """Everything the site checks before any job code could matter; returns the approved app digest."""
+    digest = site.policy.check_app(site.name, fab)
+    if site.server and site.ca and not site.insecure:
+        site.policy.check_server(site.name, site.server, Path(site.ca))
+    return digest
+
+
+def handle(message: Message, context: Context, fab: bytes) -> Message:
+    """The reply to one message: the installed ClientApp's, or an error naming why the site refused."""
+    try:
+        site = site_of(context)
+        digest = admit(site, fab)
+    except FedsiloError as exc:
+        log.error("gate: refused run %s: %s", context.run_id, exc)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                       reply_to=message)
+    log.info("gate: site %s runs its installed ClientApp for run %s (app %s approved)", site.name,
+             context.run_id, digest)
+    from client.app import app  # the site's own, reviewed code
+
+    try:
+        return app(message=message, context=context)
+    except Exception as exc:  # as flwr-clientapp: any failure becomes an error reply, nothing else
+        log.exception("gate: the ClientApp raised")
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                       reply_to=message)
+
+
+def run(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+    """One message, as Flower's `flwr-clientapp` does it, with `handle` in place of loading the FAB."""
+    retry_invoker = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure, root_certificates=certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=FLOWER_CLIENTAPP),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry_invoker)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, _run, fab = pull_task_input(client)
+        reply = handle(message, context, fab.content)
+        push_message(client, reply, context)
+        if reply.has_error():
+            details = reply.error.reason
+        else:
+            status, details = SubStatus.COMPLETED, ""
+    except (FedsiloError, OSError, RuntimeError, ValueError) as exc:
+        log.error("gate: task failed: %s", exc)
+        details = str(exc)
+    finally:
+        retry_invoker.max_tries = 1
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return 0 if status == SubStatus.COMPLETED else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=FLOWER_CLIENTAPP, description="fedsilo's site-approved ClientApp process")
+    parser.add_argument("--runtime-api-address", required=True)
+    add_args_flwr_app_common(parser)
+    args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)  # die with the SuperNode
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "runtime_dependency_install", False):
+        raise PolicyError("Runtime dependency installation is not allowed at a fedsilo site.")
+    certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
+    return run(args.runtime_api_address, try_obtain_flwr_app_token(args), args.insecure, certificates)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

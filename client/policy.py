@@ -1,0 +1,115 @@
+"""A site's own policy: which job code it runs, how much of its budget one job may spend, which server it trusts.
+
+The policy lives in the `[policy]` table of the site's TOML file (never in the job): a job can only be accepted
+or declined by it, never widen it. The checks here are pure, apart from `check_server`, which opens one TLS
+connection to read the server's certificate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.appbundle import DIGEST_PREFIX, app_dir, build_bundle, bundle_digest, normalise_digest
+from common.config import JobConfig
+from common.errors import ConfigError, PolicyError
+
+INSTALLED = "installed"  # approved_apps entry: the app bundle of the fedsilo installed at this site
+SERVER_CHECK_TIMEOUT_S = 10.0
+
+
+def _fingerprint(value: str) -> str:
+    """Normalise a certificate fingerprint ('sha256:AB:CD...', 'abcd...') to lower-case hex."""
+    text = value.strip()
+    if text.lower().startswith(DIGEST_PREFIX):
+        text = text[len(DIGEST_PREFIX):]
+    text = text.replace(":", "").lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ConfigError(f"Site policy key 'server_fingerprint': {value!r} is not a SHA-256 certificate "
+                          "fingerprint (64 hex digits, as `fedsilo certs` prints it).")
+    return text
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    approved_apps: tuple[str, ...] = ()  # app digests (sha256:...) or "installed"; empty: refuse every job
+    max_epsilon_per_job: float | None = None  # most epsilon one job (run) may spend here; None: the whole budget
+    max_rounds_per_job: int | None = None  # most training rounds a job may ask for; None: no limit
+    server_fingerprint: str = ""  # sha256 of the server certificate this site trusts (pinning); "": CA only
+
+    @classmethod
+    def from_table(cls, table: object, path: Path) -> SitePolicy:
+        where = f"Site config {path}, [policy]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table.")
+        known = {"approved_apps", "max_epsilon_per_job", "max_rounds_per_job", "server_fingerprint"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}.")
+        apps = table.get("approved_apps", [])
+        if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
+            raise ConfigError(f"{where}: 'approved_apps' must be a list of app digests (or \"{INSTALLED}\").")
+        approved = tuple(a if a == INSTALLED else normalise_digest(a) for a in apps)
+        eps = table.get("max_epsilon_per_job")
+        if eps is not None and not (isinstance(eps, int | float) and not isinstance(eps, bool)
+                                    and math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"{where}: 'max_epsilon_per_job' must be a positive number, got {eps!r}.")
+        rounds = table.get("max_rounds_per_job")
+        if rounds is not None and not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > 0):
+            raise ConfigError(f"{where}: 'max_rounds_per_job' must be a positive integer, got {rounds!r}.")
+        pin = table.get("server_fingerprint", "")
+        if not isinstance(pin, str):
+            raise ConfigError(f"{where}: 'server_fingerprint' must be a string.")
+        return cls(approved_apps=approved, max_epsilon_per_job=None if eps is None else float(eps),
+                   max_rounds_per_job=rounds, server_fingerprint=_fingerprint(pin) if pin else "")
+
+    def approved_digests(self) -> frozenset[str]:
+        digests = {a for a in self.approved_apps if a != INSTALLED}
+        if INSTALLED in self.approved_apps:
+            digests.add(bundle_digest(build_bundle(app_dir())))
+        return frozenset(digests)
+
+    def check_app(self, site: str, fab: bytes) -> str:
+        """The bundle's digest if this site approves it; PolicyError otherwise. Nothing in the bundle is read
+        but its bytes."""
+        digest = bundle_digest(fab)
+        if digest not in self.approved_digests():
+            raise PolicyError(f"Site {site} refuses the job: its app {digest} is not approved by the site's policy "
+                              "(approved_apps); none of its code was run.")
+        return digest
+
+    def check_job(self, site: str, job: JobConfig) -> None:
+        if self.max_rounds_per_job is not None and job.num_server_rounds > self.max_rounds_per_job:
+            raise PolicyError(f"Site {site} refuses the job: it asks for {job.num_server_rounds} rounds, the site's "
+                              f"policy allows at most {self.max_rounds_per_job} per job.")
+
+    def check_server(self, site: str, address: str, ca: Path) -> None:
+        """Pinning: the server at `address` must present the certificate whose fingerprint the policy names."""
+        if not self.server_fingerprint:
+            return
+        seen = server_certificate_fingerprint(address, ca)
+        if seen != self.server_fingerprint:
+            raise PolicyError(f"Site {site} refuses to work with {address}: its certificate fingerprint {seen} is "
+                              f"not the pinned {self.server_fingerprint} (policy server_fingerprint).")
+
+
+def server_certificate_fingerprint(address: str, ca: Path) -> str:
+    """SHA-256 (hex) of the DER certificate the TLS server at host:port presents, verified against `ca`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"Server address {address!r} must be host:port.")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, int(port)), timeout=SERVER_CHECK_TIMEOUT_S) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except OSError as exc:  # ssl.SSLError included
+        raise PolicyError(f"Cannot check the server certificate of {address}: {exc}") from exc
+    if der is None:
+        raise PolicyError(f"The server at {address} presented no certificate.")
+    return hashlib.sha256(der).hexdigest()
