@@ -207,39 +207,49 @@ def append_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
+def _recorded_epsilon(site: SiteConfig) -> float:
+    ledger = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant)
+    return ledger.read().epsilon_recorded
+
+
+def _base_record(site: SiteConfig, msg: Message, run_id: int) -> dict[str, Any]:
+    return {"time": time.time(), "site": site.name, "run_id": str(run_id),
+            "message_type": msg.metadata.message_type, "round": _round(msg), "secagg_stage": _incoming_stage(msg),
+            "delta": site.delta, "accountant": site.accountant, "epsilon_before": _recorded_epsilon(site),
+            **_server_identity(site)}
+
+
+def record_refusal(site: SiteConfig, msg: Message, run_id: int, reply: Message) -> None:
+    """Record a reply the site sends without running its ClientApp (the gate refused the job)."""
+    base = _base_record(site, msg, run_id)
+    error = f"{reply.error.code}: {reply.error.reason}" if reply.has_error() else None
+    append_record(egress_log_path(Path(site.ledger)), {**base, "epsilon_after": base["epsilon_before"],
+                                                       "error": error, **describe_content(reply)})
+
+
 @dataclass(frozen=True)
 class EgressAudit:
     """The ClientApp mod that records every outgoing message. `site_of` resolves the node's site config."""
 
     site_of: Callable[[Context], SiteConfig]
 
-    def _epsilon(self, site: SiteConfig) -> float:
-        ledger = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant)
-        return ledger.read().epsilon_recorded
-
     def mod(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         site = self.site_of(ctxt)
         path = egress_log_path(Path(site.ledger))
-        base: dict[str, Any] = {
-            "time": time.time(), "site": site.name, "run_id": str(ctxt.run_id),
-            "message_type": msg.metadata.message_type, "round": _round(msg), "secagg_stage": _incoming_stage(msg),
-            "delta": site.delta, "accountant": site.accountant, "epsilon_before": self._epsilon(site),
-            **_server_identity(site),
-        }
+        base = _base_record(site, msg, ctxt.run_id)
         try:
             reply = call_next(msg, ctxt)
         except Exception as exc:
             # Flower turns the exception into an error reply carrying its type and message: that leaves too.
-            append_record(path, {**base, "epsilon_after": self._epsilon(site), "error": f"{type(exc)}:<'{exc}'>",
+            append_record(path, {**base, "epsilon_after": _recorded_epsilon(site), "error": f"{type(exc)}:<'{exc}'>",
                                  "arrays": [], "metrics": [], "configs": [], "bytes": 0})
             raise
         error = f"{reply.error.code}: {reply.error.reason}" if reply.has_error() else None
-        append_record(path, {**base, "epsilon_after": self._epsilon(site), "error": error,
+        append_record(path, {**base, "epsilon_after": _recorded_epsilon(site), "error": error,
                              **describe_content(reply)})
         log.debug("egress: site %s recorded a %s reply (round %s, stage %s)", site.name,
                   msg.metadata.message_type, base["round"], base["secagg_stage"])
         return reply
-
 
 
 def format_record(record: dict[str, Any]) -> str:

@@ -167,3 +167,20 @@ def test_deployment_records_the_server_certificate_fingerprint(tmp_path: Path) -
     (record,) = read_egress_log(egress_log_path(Path(site.ledger)))
     assert record["server"] == site.server
     assert record["server_cert_sha256"] == done.server.fingerprint
+
+
+def test_a_refusal_by_the_sites_gate_is_recorded_too(tmp_path: Path) -> None:
+    from client.gate import handle
+    from common import keys
+
+    toml = tmp_path / "site.toml"
+    toml.write_text('name = "cardiology"\ndata = "notes.csv"\nepsilon = 8.0\ndelta = 1e-5\nledger = "ledger.json"\n'
+                    '[policy]\napproved_apps = []\n')
+    context = Context(run_id=7, node_id=5, node_config={keys.NODE_SITE_CONFIG: str(toml)}, state=RecordDict(),
+                      run_config={})
+    reply = handle(_incoming(), context, b"a bundle the site never approved")
+    assert reply.has_error() and "PolicyError" in reply.error.reason
+    (record,) = read_egress_log(egress_log_path(tmp_path / "ledger.json"))
+    assert record["site"] == "cardiology" and record["round"] == 2
+    assert "PolicyError" in record["error"] and record["bytes"] == 0
+    assert record["epsilon_before"] == record["epsilon_after"] == 0.0
