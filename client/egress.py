@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,15 +36,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from client.ledger import LedgerFile
+from client.policy import server_certificate_fingerprint
 from client.site import SiteConfig
-from common.errors import PrivacyError
+from common.errors import FedsiloError, PrivacyError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedsilo-egress/1"
 SUFFIX = ".egress.jsonl"
 GENESIS = "0" * 64  # prev_sha256 of the first line
-SERVER_CERT_TIMEOUT_S = 5.0
 
 
 class EgressLogError(PrivacyError):
@@ -106,17 +104,9 @@ def _round(msg: Message) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
-def server_certificate_sha256(server: str, ca: str) -> str:
-    """sha256 of the DER certificate the server at `host:port` presents, verified against the site's CA."""
-    host, _, port = server.rpartition(":")
-    host = host.strip("[]")
-    context = ssl.create_default_context(cafile=ca)
-    with socket.create_connection((host, int(port)), timeout=SERVER_CERT_TIMEOUT_S) as sock, \
-            context.wrap_socket(sock, server_hostname=host) as tls:
-        der = tls.getpeercert(binary_form=True)
-    if der is None:
-        raise EgressLogError(f"The server at {server} presented no certificate.")
-    return hashlib.sha256(der).hexdigest()
+def _server_cert_sha256(server: str, ca: str) -> str:
+    """The fingerprint check of the site policy, once per process (each ClientApp process sends a few messages)."""
+    return server_certificate_fingerprint(server, Path(ca))
 
 
 def _server_identity(site: SiteConfig) -> dict[str, Any]:
@@ -128,8 +118,8 @@ def _server_identity(site: SiteConfig) -> dict[str, Any]:
         out["server_cert_error"] = "insecure connection: no server certificate"
         return out
     try:
-        out["server_cert_sha256"] = server_certificate_sha256(site.server, site.ca)
-    except (OSError, ValueError, ssl.SSLError) as exc:
+        out["server_cert_sha256"] = _server_cert_sha256(site.server, site.ca)
+    except FedsiloError as exc:
         out["server_cert_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
