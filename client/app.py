@@ -19,6 +19,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.egress import EgressAudit
 from common import keys
 from common.config import JobConfig
 from common.errors import SecureAggregationError
@@ -26,6 +27,7 @@ from common.paths import cache_dir
 
 if TYPE_CHECKING:
     from client.runner import Department
+    from client.site import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +55,36 @@ class DepartmentClient(NumPyClient):
         return loss, n, dict(metrics)
 
 
-def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
-    # Imported here, not at module level: Flower starts a fresh process for every message, and three of SecAgg+'s
-    # four stages never reach the department's code; they should not pay for importing torch and transformers.
-    from client.runner import Department
+def _site(context: Context, overrides: Mapping[str, bool | int | float | str]) -> SiteConfig:
+    """This node's site config (no torch import: every message needs it for the egress record)."""
     from client.site import resolve_site
     from common.data import resolve_job
 
     job, sim = resolve_job({**context.run_config, **overrides})
-    site = resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
-    return Department(site, job, str(context.run_id))
+    return resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
+
+
+def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:
+    # Imported here, not at module level: Flower starts a fresh process for every message, and three of SecAgg+'s
+    # four stages never reach the department's code; they should not pay for importing torch and transformers.
+    from client.runner import Department
+    from common.data import resolve_job
+
+    job, _ = resolve_job({**context.run_config, **overrides})
+    return Department(_site(context, overrides), job, str(context.run_id))
 
 
 def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = None,
                      mods: Sequence[Mod] = ()) -> ClientApp:
-    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation); `mods` are
-    extra Flower client mods that run around fedsilo's own (outermost first)."""
+    """A ClientApp; `overrides` are merged over the run config (used by the in-process simulation).
+
+    Mods, outermost first: `mods` (extra Flower client mods; tests use them to intercept what leaves or to inject
+    failures), the egress audit (records every reply at the site, after SecAgg+ masking), then the SecAgg+ guard.
+    """
     fixed = dict(overrides or {})
+
+    def site_of(context: Context) -> SiteConfig:
+        return _site(context, fixed)
 
     def client_fn(context: Context) -> Client:
         return DepartmentClient(_department(context, fixed)).to_client()
@@ -85,7 +100,7 @@ def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = 
                                          "request; refusing to send an update in the clear.")
         return call_next(msg, ctxt)
 
-    return ClientApp(client_fn=client_fn, mods=[*mods, secagg_guard_mod])
+    return ClientApp(client_fn=client_fn, mods=[*mods, EgressAudit(site_of).mod, secagg_guard_mod])
 
 
 app = build_client_app()

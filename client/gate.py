@@ -33,9 +33,10 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from client.egress import record_refusal
 from client.site import SiteConfig
 from common import keys
-from common.errors import ConfigError, FedsiloError, PolicyError
+from common.errors import ConfigError, FedsiloError, PolicyError, PrivacyError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,20 @@ def admit(site: SiteConfig, fab: bytes) -> str:
 
 def handle(message: Message, context: Context, fab: bytes) -> Message:
     """The reply to one message: the installed ClientApp's, or an error naming why the site refused."""
+    site: SiteConfig | None = None
     try:
         site = site_of(context)
         digest = admit(site, fab)
     except FedsiloError as exc:
         log.error("gate: refused run %s: %s", context.run_id, exc)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
-                       reply_to=message)
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                        reply_to=message)
+        if site is not None:
+            try:
+                record_refusal(site, message, context.run_id, reply)  # the refusal leaves the site too
+            except PrivacyError as failure:
+                log.error("gate: could not record the refusal in the egress log: %s", failure)
+        return reply
     log.info("gate: site %s runs its installed ClientApp for run %s (app %s approved)", site.name,
              context.run_id, digest)
     from client.app import app  # the site's own, reviewed code

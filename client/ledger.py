@@ -19,9 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import LedgerError
-from common.privacy import Charge, check_charge, epsilon_spent
+
+if TYPE_CHECKING:
+    from common.privacy import Charge
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,14 @@ class Ledger:
 
     @property
     def epsilon(self) -> float:
+        from common.privacy import epsilon_spent  # Opacus (torch) only where epsilon is computed
+
         return epsilon_spent(self.history, self.delta, self.accountant)
+
+    @property
+    def epsilon_recorded(self) -> float:
+        """Epsilon after the last charge, as recorded (no recomputation, no Opacus import)."""
+        return self.entries[-1].epsilon_after if self.entries else 0.0
 
     @property
     def remaining(self) -> float:
@@ -152,6 +162,8 @@ class LedgerFile:
 
     def charge(self, ledger: Ledger, *, run_id: str, server_round: int, charge: Charge) -> LedgerEntry:
         """Append a charge if it fits the budget, and persist it atomically before returning."""
+        from common.privacy import check_charge
+
         sigma, q, steps = charge
         if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1 and steps >= 1):
             raise LedgerError(f"Refusing an invalid charge sigma={sigma}, q={q}, steps={steps}.")

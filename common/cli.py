@@ -188,22 +188,97 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_agreement(checks: list, site: str) -> None:
+    from common.accountant_check import require_agreement
+
+    require_agreement(checks, site)
+
+
 def _cmd_budget(args: argparse.Namespace) -> int:
+    from client.egress import egress_log_path, format_record, read_egress_log
     from client.ledger import LedgerFile
     from client.site import SiteConfig
 
     site = SiteConfig.from_toml(args.site_config)
     ledger = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant).read()
+    egress_path = egress_log_path(Path(site.ledger))
+    egress = read_egress_log(egress_path)
+    checks = []
+    if args.check:
+        from common.accountant_check import check_ledger
+
+        checks = check_ledger(ledger.entries, ledger.delta, ledger.accountant)
     if args.json:
-        print(json.dumps(ledger.body() | {"epsilon_spent": ledger.epsilon, "remaining": ledger.remaining},
-                         indent=2))
+        doc = ledger.body() | {"epsilon_spent": ledger.epsilon, "remaining": ledger.remaining,
+                               "egress_log": str(egress_path), "egress": egress}
+        if args.check:
+            doc["accountant_check"] = [vars(c) | {"relative_difference": c.relative_difference, "agrees": c.agrees}
+                                       for c in checks]
+        print(json.dumps(doc, indent=2))
+        _require_agreement(checks, ledger.site)
         return 0
     print(f"site {ledger.site}: spent epsilon {ledger.epsilon:.4f} of {ledger.epsilon_budget:g} "
           f"(delta {ledger.delta:g}, {ledger.accountant} accountant); remaining {ledger.remaining:.4f}")
     for e in ledger.entries:
         print(f"  run {e.run_id} round {e.round}: sigma={e.noise_multiplier:.4f} q={e.sample_rate:.4f} "
               f"steps={e.steps} -> epsilon {e.epsilon_after:.4f}")
+    if args.check:
+        print(f"accountant cross-check (recomputed with Opacus from the recorded sigma, q, steps, delta; "
+              f"privacy unit: one record of {ledger.site}):")
+        for c in checks:
+            print(f"  run {c.run_id} round {c.round}: ledger {c.recorded:.4f}, {ledger.accountant} {c.configured:.4f} "
+                  f"({100 * c.relative_difference:.3f}% off: {'agrees' if c.agrees else 'DISAGREES'}), "
+                  f"RDP {c.rdp:.4f}, PRV {c.prv:.4f}")
+    print(f"egress log {egress_path}: {len(egress)} message(s) sent, {sum(r.get('bytes', 0) for r in egress)} bytes")
+    for record in egress:
+        print(f"  {format_record(record)}")
+    _require_agreement(checks, ledger.site)
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.audit import AUDIT_JSON, ROC_PNG, audit_run
+
+    audit = audit_run(args.run_dir, out_dir=args.out, bootstrap=args.bootstrap, seed=args.seed,
+                      accountant_check=not args.no_accountant_check)
+    if args.json:
+        print(json.dumps(audit, indent=2))
+        return 0
+    pct = round(100 * audit["confidence"])
+    print(f"membership-inference audit of {audit['run_dir']} ({'DP' if audit['dp'] else 'no DP'}; "
+          f"{audit['attack']}):")
+    for name, r in audit["results"].items():
+        print(f"  {name:>16}: AUC {r['auc']:.4f} [{pct}% CI {r['auc_ci'][0]:.4f}, {r['auc_ci'][1]:.4f}], "
+              f"TPR@{audit['target_fpr']:.0%}FPR {r['tpr_at_fpr']:.4f} [{r['tpr_at_fpr_ci'][0]:.4f}, "
+              f"{r['tpr_at_fpr_ci'][1]:.4f}]; mean loss members {r['member_loss']:.4f}, non-members "
+              f"{r['non_member_loss']:.4f} ({r['members']}/{r['non_members']})")
+    for site, checks in audit["accountant_check"].items():
+        for c in checks:
+            print(f"  ledger {site} round {c['round']}: recorded epsilon {c['recorded']:.4f}, recomputed "
+                  f"{c['configured']:.4f} ({100 * c['relative_difference']:.3f}% off), RDP {c['rdp']:.4f}, "
+                  f"PRV {c['prv']:.4f}")
+    out = args.out or args.run_dir
+    print(f"Audit in {out / AUDIT_JSON}, ROC curves in {out / ROC_PNG}")
+    bad = [(site, c) for site, checks in audit["accountant_check"].items() for c in checks if not c["agrees"]]
+    if bad:
+        raise FedsiloError(f"Site {bad[0][0]}: ledger round {bad[0][1]['round']} disagrees with its accountant "
+                           "by more than 1%.")
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="membership-inference audit of a simulation's global model",
+                       description="Loss-threshold membership inference against a finished simulation's global "
+                                   "model (members: departments' training rows; non-members: their held-out rows): "
+                                   "AUC and TPR at 1% FPR with bootstrap CIs, ROC plot; plus a cross-check of "
+                                   "every site ledger with Opacus' RDP and PRV accountants.")
+    p.add_argument("run_dir", type=Path, help="the simulation's output directory (fedsilo simulate --out)")
+    p.add_argument("--out", type=Path, help="where to write audit.json and audit_roc.png (default: run_dir)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--no-accountant-check", action="store_true", help="skip the ledger cross-check")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_audit)
 
 
 def _add_certs(sub: argparse._SubParsersAction) -> None:
@@ -432,9 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deployment(sub)
     _add_study(sub)
     _add_bench(sub)
-    b = sub.add_parser("budget", help="show a site's privacy ledger: spent, remaining, per round")
+    _add_audit(sub)
+    b = sub.add_parser("budget", help="show a site's privacy ledger (spent, remaining, per round) and egress log")
     b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.add_argument("--check", action="store_true",
+                   help="recompute every charge with Opacus' RDP and PRV accountants (exit 2 if the ledger "
+                        "disagrees with its own accountant by more than 1%%)")
     b.set_defaults(func=_cmd_budget)
     return parser
 

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import run_out_dir
 from client.site import simulated_sites
+from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
 from common.model import base_fingerprint, build_model, device
@@ -94,6 +95,11 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
             "epsilon": eps, "delta": sim.sim_delta if simulation else None, "dp": job.dp,
             "secure_aggregation": job.secagg, "rounds_completed": len(recorder.rounds),
         })
+        if job.dp:
+            accountants = ({s.accountant for s in simulated_sites(job, sim, out_dir)} if simulation
+                           else {"each site's ledger accountant (default rdp)"})
+            recorder.final["privacy"] = privacy_statement(eps, sim.sim_delta if simulation else None,
+                                                          ", ".join(sorted(accountants)))
         recorder.write()
         recorder.plot()
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 
+from client.egress import egress_log_path, read_egress_log
 from client.ledger import LedgerFile
-from common.certs import provision
+from common.certs import SERVER_CERT, load_certificate, provision
 from tests.deployment.harness import FEDSILO, JOB, SITES, Processes, free_port, wait_for_port, write_site
 
 pytestmark = pytest.mark.slow
@@ -49,6 +51,7 @@ def test_two_departments_complete_a_secagg_job_over_tls(deployment: dict) -> Non
                           "negative,positive", *JOB], capture_output=True, text=True, timeout=900, check=False)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    server_fingerprint = load_certificate(deployment["certs"] / SERVER_CERT).fingerprint(hashes.SHA256()).hex()
     assert report["final"]["secure_aggregation"] is True and report["final"]["rounds_completed"] == 2
     for r in report["rounds"]:
         assert r["aggregate"] == "applied"
@@ -58,6 +61,10 @@ def test_two_departments_complete_a_secagg_job_over_tls(deployment: dict) -> Non
         assert [e.round for e in ledger.entries] == [1, 2]
         assert 0 < ledger.epsilon <= 8.0
         assert report["final"]["epsilon"][name] == pytest.approx(ledger.epsilon)
+        # The site's egress log names the server and the certificate it presented, for every message sent.
+        egress = read_egress_log(egress_log_path(root / "sites" / name / "ledger.json"))
+        assert len(egress) == 2 * 5  # per round: four SecAgg+ stages and one evaluation
+        assert {r["server_cert_sha256"] for r in egress} == {server_fingerprint}
     nodes = subprocess.run([*FEDSILO, "server", "nodes", "--state-dir", str(state)], capture_output=True, text=True,
                            timeout=120, check=False)
     assert nodes.stdout.count("online") == 2

@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from client.egress import egress_log_path, read_egress_log
 from client.ledger import LedgerFile
 from client.policy import SitePolicy, server_certificate_fingerprint
 from common.appbundle import app_dir, build_bundle, bundle_digest
@@ -99,7 +100,11 @@ def test_job_with_modified_client_code_is_refused_and_none_of_it_runs(deployment
     assert all(r["aggregate"] != "applied" for r in report["rounds"])
     assert not mark.exists(), "a line of the unapproved job's client code ran"
     for name in SITES:
-        assert not (deployment["root"] / "sites" / name / "ledger.json").exists()
+        ledger = deployment["root"] / "sites" / name / "ledger.json"
+        assert not ledger.exists()
+        # The refusal is what left the site, and its egress log says so.
+        refusals = [r for r in read_egress_log(egress_log_path(ledger)) if "is not approved" in (r["error"] or "")]
+        assert refusals and all(r["bytes"] == 0 for r in refusals)
 
 
 def test_job_asking_for_more_rounds_than_a_site_allows_is_declined_there(deployment: dict, tmp_path: Path) -> None:

@@ -1,43 +1,130 @@
-"""SecAgg+ changes nothing but who sees what: its aggregate equals plain FedAvg of the same updates.
+"""SecAgg+ changes nothing but who sees what, and the server really sees nothing of one department.
 
-Two one-round simulations with DP off and a fixed seed produce the same department updates; one aggregates
-them with SecAgg+, the other in the clear. The global models must agree within SecAgg+'s quantisation error.
+Two one-round simulations with DP off and a fixed seed produce the same department updates; one aggregates them
+with SecAgg+, the other in the clear. Everything the server receives is recorded (its Grid is wrapped). Then:
+- the global models agree within SecAgg+'s quantisation error, and the SecAgg+ aggregate equals FedAvg of the
+  departments' true (pre-quantisation) updates, as the server of the clear run received them;
+- what the SecAgg+ server received from each department (its masked vector) is uncorrelated with that
+  department's true update (|Pearson r| < 0.05 per department), whereas its unmasked quantised update would be
+  perfectly correlated (the check has power);
+- everything leaving the departments (intercepted by an outermost client mod) passes the egress check.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
+import server.app
+from common import keys
 from common.config import JobConfig
 from common.model import build_model
 from common.params import named_state
 from server.checkpoint import CHECKPOINT
 from simulations.run import simulate
 from tests.conftest import TINY_JOB, make_department_frame
+from tests.integration.egress_checks import capture_mod, check_egress, load_captured
 
 pytestmark = pytest.mark.slow
 
+log = logging.getLogger(__name__)
+
 SIZES = {"cardiology": 60, "oncology": 48, "radiology": 40}
+# LoRA rank 64 on the tiny model: ~16k exchanged values, so |r| of independent vectors is ~0.008 (sd).
+JOB = {**TINY_JOB, "lora-r": 64, "lora-alpha": 128}
+MAX_ABS_CORRELATION = 0.05
 
 
-def _run(base: Path, data: Path, secagg: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def _snapshot(reply: Message) -> dict[str, Any]:
+    """Copy what matters out of a reply now: Flower's workflow consumes records once it has read them."""
+    content = reply.content
+    arrays = content.array_records.get("fitres.parameters")
+    cfg = content.config_records.get(RECORD_KEY_CONFIGS)
+    metrics = content.config_records.get("fitres.metrics")
+    n = content.metric_records.get("fitres.num_examples")
+    return {
+        "department": None if metrics is None else str(metrics[keys.M_DEPARTMENT]),
+        "update": None if not arrays else [a.numpy().copy() for a in arrays.values()],
+        "num_examples": None if n is None else int(n["num_examples"]),
+        "masked": (None if cfg is None or SecAggKey.MASKED_PARAMETERS not in cfg
+                   else [bytes_to_ndarray(b) for b in cfg[SecAggKey.MASKED_PARAMETERS]]),
+    }
+
+
+class RecordingGrid:
+    """The server's Grid, unchanged, except that it keeps a copy of every reply it hands to the server."""
+
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+        self.replies: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        self.replies.extend(_snapshot(r) for r in replies if r.has_content())
+        return replies
+
+
+def _run(base: Path, data: Path, secagg: bool) -> dict[str, Any]:
     out = base / ("secagg" if secagg else "plain")
-    rc = {**TINY_JOB, "num-server-rounds": 1, "dp": False, "secagg": secagg, "sim-data": str(data), "seed": 7,
+    captured = base / f"captured-{out.name}"
+    captured.mkdir()
+    rc = {**JOB, "num-server-rounds": 1, "dp": False, "secagg": secagg, "sim-data": str(data), "seed": 7,
           "sim-global-eval": False}
-    report = simulate(rc, out)
-    return torch.load(out / CHECKPOINT)["trainable"], report
+    grids: list[RecordingGrid] = []
+    original = server.app.run_workflow
+
+    def recording_workflow(grid: Any, *args: Any) -> None:
+        grids.append(RecordingGrid(grid))
+        original(grids[-1], *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server.app, "run_workflow", recording_workflow)
+        report = simulate(rc, out, client_mods=[capture_mod(captured)])
+    return {"global": torch.load(out / CHECKPOINT)["trainable"], "report": report,
+            "replies": [r for g in grids for r in g.replies],
+            "captured": load_captured(captured)}
 
 
-def test_secagg_aggregate_equals_fedavg(tmp_path: Path) -> None:
-    data = tmp_path / "departments.csv"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("secagg")
+    data = base / "departments.csv"
     make_department_frame(SIZES).to_csv(data, index=False)
-    masked, report = _run(tmp_path, data, secagg=True)
-    plain, _ = _run(tmp_path, data, secagg=False)
+    return {"secagg": _run(base, data, secagg=True), "plain": _run(base, data, secagg=False)}
 
+
+def _true_updates(plain: dict[str, Any]) -> dict[str, tuple[list[np.ndarray], int]]:
+    """Each department's update and weight, as the server of the clear run received them."""
+    return {r["department"]: (r["update"], r["num_examples"]) for r in plain["replies"] if r["update"]}
+
+
+def _masked_vectors(secagg: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """What the SecAgg+ server received from each department in the collect-masked-vectors stage."""
+    return {r["department"]: r["masked"] for r in secagg["replies"] if r["masked"] is not None}
+
+
+def _shapes(report: dict[str, Any]) -> list[tuple[int, ...]]:
+    model = build_model(JobConfig.from_run_config(report["config"]), 2).model
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+
+
+def test_secagg_aggregate_equals_fedavg_of_true_updates(runs: dict[str, dict[str, Any]]) -> None:
+    masked, plain = runs["secagg"]["global"], runs["plain"]["global"]
+    report = runs["secagg"]["report"]
     cfg = report["config"]
     n_train = [d["n_train"] for d in report["departments"].values()]
     # Each department quantises w * n / max_weight with step 2c/q; the sum is divided by sum(n) / max_weight.
@@ -47,10 +134,49 @@ def test_secagg_aggregate_equals_fedavg(tmp_path: Path) -> None:
 
     # The global model before round 1 is rebuilt the way the server built it.
     initial = named_state(build_model(JobConfig.from_run_config(cfg), 2).model)
-
     assert masked.keys() == plain.keys() == initial.keys()
     errors = [float((masked[k] - plain[k]).abs().max()) for k in plain]
     moved = [float((plain[k] - initial[k]).abs().max()) for k in plain]
     assert max(moved) > 1000 * bound  # the round really changed the model
     assert max(errors) <= bound + 1e-6, f"max error {max(errors):.3g} > bound {bound:.3g}"
-    assert np.isfinite(errors).all()
+
+    # FedAvg of the true updates (as sent in the clear), applied to the initial model, is the SecAgg+ result.
+    true = _true_updates(runs["plain"])
+    assert sorted(true) == sorted(SIZES)
+    total = sum(n for _, n in true.values())
+    fedavg = [sum(u[i].astype(np.float64) * n for u, n in true.values()) / total for i in range(len(initial))]
+    for (name, start), avg in zip(initial.items(), fedavg, strict=True):
+        expected = start.numpy().astype(np.float64) + avg
+        assert np.abs(masked[name].numpy() - expected).max() <= bound + 1e-6, name
+
+
+def test_server_view_is_independent_of_each_update(runs: dict[str, dict[str, Any]]) -> None:
+    true = _true_updates(runs["plain"])
+    seen = _masked_vectors(runs["secagg"])
+    assert sorted(seen) == sorted(true) == sorted(SIZES)
+    cfg = runs["secagg"]["report"]["config"]
+    correlations = {}
+    for name, (update, n) in true.items():
+        u = np.concatenate([a.ravel() for a in update]).astype(np.float64)
+        m = np.concatenate([v.ravel() for v in seen[name][1:]]).astype(np.float64)  # [0] is the masked weight
+        assert m.shape == u.shape and u.size > 10_000 and np.std(u) > 0
+        correlations[name] = float(np.corrcoef(m, u)[0, 1])
+        # Power: without the masks the server would receive the quantised update, correlated ~1 with it.
+        weighted = [a * (n / cfg["secagg-max-weight"]) for a in update]
+        unmasked = np.concatenate([q.ravel() for q in quantize(weighted, cfg["secagg-clipping-range"],
+                                                               cfg["secagg-quantization-range"])])
+        assert np.corrcoef(unmasked.astype(np.float64), u)[0, 1] > 0.99
+        # The masked vector looks uniform on [0, 2^32): its mean is 2^31 within a few standard errors.
+        assert abs(m.mean() / 2**32 - 0.5) < 5 * (1 / np.sqrt(12 * m.size))
+    log.info("server view vs true update, Pearson r per department: %s", correlations)
+    print(f"\nserver view vs true update, Pearson r: {correlations}")
+    assert all(abs(r) < MAX_ABS_CORRELATION for r in correlations.values()), correlations
+
+
+def test_what_left_the_departments_passes_the_egress_check(runs: dict[str, dict[str, Any]]) -> None:
+    texts = make_department_frame(SIZES)["text"].tolist()
+    for mode in ("secagg", "plain"):
+        shapes = _shapes(runs[mode]["report"])
+        seen = check_egress(runs[mode]["captured"], shapes, texts, secagg=mode == "secagg")
+        stages = 4 if mode == "secagg" else 1
+        assert seen["train"] == stages * len(SIZES) and seen["evaluate"] == len(SIZES)

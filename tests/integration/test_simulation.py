@@ -88,3 +88,40 @@ def test_rerun_into_the_same_directory_is_refused(run: tuple[Path, dict[str, Any
     with pytest.raises(ConfigError, match="already holds a run"):
         simulate(dict(TINY_JOB), out)
     assert (out / REPORT_JSON).read_bytes() == before
+
+
+def test_ledgers_agree_with_opacus_accountants_and_report_states_the_guarantee(
+        run: tuple[Path, dict[str, Any]]) -> None:
+    from common.accountant_check import AGREEMENT, PRIVACY_UNIT, check_ledger
+
+    out, report = run
+    for name in ("cardiology", "oncology"):
+        ledger = LedgerFile(out / "sites" / name / "ledger.json", name, BUDGET, 1e-5, "rdp").read()
+        checks = check_ledger(ledger.entries, ledger.delta, ledger.accountant)
+        assert len(checks) == 2
+        for c in checks:
+            assert c.relative_difference <= AGREEMENT  # the configured (RDP) accountant agrees within 1 %
+            assert 0 < c.prv <= c.rdp  # PRV, reported beside it, is no looser
+    privacy = report["final"]["privacy"]
+    assert privacy["unit"] == PRIVACY_UNIT and privacy["accountant"] == "rdp"
+    assert privacy["epsilon_max"] == pytest.approx(max(e for e in report["final"]["epsilon"].values()))
+
+
+def test_audit_runs_on_the_simulation_output(run: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture) -> None:
+    from common.cli import main
+    from simulations.audit import AUDIT_JSON, ROC_PNG
+
+    out, report = run
+    assert main(["audit", str(out), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "all departments" in printed and "TPR@1%FPR" in printed and "PRV" in printed
+    audit = json.loads((out / AUDIT_JSON).read_text())
+    assert (out / ROC_PNG).stat().st_size > 0
+    assert set(audit["results"]) == {"cardiology", "oncology", "radiology", "all departments"}
+    for name, n in (("cardiology", 48), ("radiology", 32)):
+        assert audit["results"][name]["members"] == n
+        assert audit["results"][name]["non_members"] == report["departments"][name]["n_test"]
+    pooled = audit["results"]["all departments"]
+    assert 0 <= pooled["auc_ci"][0] <= pooled["auc"] <= pooled["auc_ci"][1] <= 1
+    assert set(audit["accountant_check"]) == {"cardiology", "oncology"}  # radiology declined: no charge, no ledger file
+    assert all(c["agrees"] for checks in audit["accountant_check"].values() for c in checks)
