@@ -110,11 +110,33 @@ def _write_atomic(path: Path, ledger: Ledger) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _make_dirs_durable(directory: Path) -> None:
+    """Create `directory` and any missing parents, syncing each new entry into its parent: a crash right after
+    a site's first charge must not lose the directory that holds its ledger."""
+    created: list[Path] = []
+    current = directory
+    while not current.exists():
+        created.append(current)
+        current = current.parent
+    if not created:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for new in reversed(created):
+            _fsync_dir(new.parent)
+    except OSError as exc:
+        raise LedgerError(f"Cannot create the ledger directory {directory}: {exc}. Refusing to train.") from exc
 
 
 class LedgerFile:
@@ -130,7 +152,7 @@ class LedgerFile:
     @contextlib.contextmanager
     def open(self) -> Iterator[Ledger]:
         """Lock, load (or start empty), yield the ledger; nothing is written unless `charge` is called."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durable(self.path.parent)
         with self.lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

@@ -118,7 +118,8 @@ class FedSiloStrategy(FedAvg):
                     arrays, self.global_arrays, max_norm=self.job.max_update_norm)
                 if why is not None:
                     dept.status, dept.reason = keys.STATUS_FAILED, f"rejected update: {why}"
-                    log.error("aggregate_fit: round %s: rejected the update of %s: %s", server_round, name, why)
+                    log.error("aggregate_fit: round %s: rejected the update of %s (node %s): %s", server_round, name,
+                              proxy.node_id, why)
                     continue
             accepted.append((proxy, res))
         if not self.job.secagg:  # under SecAgg+ the workflow reports dropouts stage by stage

@@ -186,6 +186,15 @@ def test_charge_is_durable_before_training_and_write_is_atomic(tmp_path: Path) -
     assert CREATED_MARK.strip() in (tmp_path / "ledger.json.lock").read_text()
 
 
+def test_new_ledger_directories_are_synced_into_their_parents(tmp_path: Path) -> None:
+    faulty = _FaultyOS(None)
+    lf = LedgerFile(tmp_path / "sites" / SITE / "ledger.json", SITE, 8.0, DELTA, "rdp")
+    with mock.patch("client.ledger.os", faulty), lf.open() as ledger:
+        lf.charge(ledger, run_id="r", server_round=1, charge=(3.0, 0.1, 5))
+    # sites/ into tmp_path, sites/cardiology/ into sites/; then the write-ahead sequence; then the lock's mark
+    assert faulty.calls == ["fsync-dir", "fsync-dir", "write-tmp", "fsync-file", "rename", "fsync-dir", "fsync-file"]
+
+
 @pytest.mark.parametrize("stage", ["after_replace", "train", "before_send"])
 def test_crash_after_the_charge_over_counts_never_under(tmp_path: Path, stage: str) -> None:
     harness = _Harness(tmp_path, budget=8.0)
