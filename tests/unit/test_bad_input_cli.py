@@ -34,6 +34,7 @@ delta = 1e-5
 ledger = "ledger.json"
 server = "127.0.0.1:47999"
 """
+POLICY = '\n[policy]\napproved_apps = ["installed"]\n'  # a table: after every top-level key
 
 
 @dataclass
@@ -71,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     # a site that has already trained: its ledger must survive every failure below
     site = w / "site"
     site.mkdir()
-    (site / "site.toml").write_text(SITE_TOML + 'insecure = true\n')
+    (site / "site.toml").write_text(SITE_TOML + "insecure = true\n" + POLICY)
     (site / "notes.csv").write_text(_good_csv({"cardiology": 60}))
     lf = LedgerFile(site / "ledger.json", "cardiology", 4.0, 1e-5, "rdp")
     with lf.open() as ledger:
@@ -145,7 +146,7 @@ def _lost_ledger_site(w: World) -> Path:
 
 
 def _site_with_ca(w: World, name: str, ca: Path) -> Path:
-    toml = SITE_TOML + f'ca = "{ca}"\nnode_key = "{w / "pki" / "cardiology"}"\n'
+    toml = SITE_TOML + f'ca = "{ca}"\nnode_key = "{w / "pki" / "cardiology"}"\n' + POLICY
     return w.site(name, toml, _good_csv({"cardiology": 60}))
 
 
