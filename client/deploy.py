@@ -32,8 +32,6 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
                       max_retries: int | None = None) -> list[str]:
     """Validate the site config and return the `flower-supernode` invocation for it."""
     site = SiteConfig.from_toml(site_config)
-    rows = site.check_data()  # a missing, unreadable or malformed data file fails now, not at the first round
-    log.info("client: site %s has %d rows of data in %s", site.name, rows, site.data)
     if not site.server:
         raise ConfigError(f"Site config {site_config}: set 'server' (the coordination server's host:port).")
     if not site.policy.approved_apps:
@@ -42,6 +40,8 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
                           "`fedsilo app digest`.")
     approved = site.policy.approved_digests()  # fails here, not at the first job, if a digest cannot be built
     log.info("client: site %s approves app(s) %s", site.name, ", ".join(sorted(approved)))
+    rows = site.check_data()  # a missing, unreadable or malformed data file fails now, not at the first round
+    log.info("client: site %s has %d rows of data in %s", site.name, rows, site.data)
     cmd = [flower_tool("flower-supernode"), "--superlink", site.server, "--port", str(port),
            "--isolation", "subprocess",
            "--node-config", f'{keys.NODE_SITE_CONFIG}="{site_config.resolve()}"']

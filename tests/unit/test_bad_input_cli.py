@@ -222,10 +222,10 @@ CASES: dict[str, tuple[Case, str]] = {
                          "failed its checksum"),
     "lost ledger": (lambda w, p: ["budget", "--site-config", str(_lost_ledger_site(w))], "is missing, but"),
     # a department starting its client
-    "client data missing": (lambda w, p: ["client", "start", "--site-config", str(w.site("nodata", SITE_TOML))],
-                            r"notes\.csv does not exist"),
+    "client data missing": (lambda w, p: ["client", "start", "--site-config", str(w.site(
+        "nodata", SITE_TOML + POLICY))], r"notes\.csv does not exist"),
     "client data missing columns": (lambda w, p: ["client", "start", "--site-config", str(w.site(
-        "badcols", SITE_TOML, "body,label\nhello,positive\n"))], r"lacks column\(s\) \['text'\]"),
+        "badcols", SITE_TOML + POLICY, "body,label\nhello,positive\n"))], r"lacks column\(s\) \['text'\]"),
     "client CA expired": (lambda w, p: ["client", "start", "--site-config", str(_site_with_ca(
         w, "expired-ca", w / "expired-pki" / "ca.crt"))], r"ca\.crt expired on"),
     "client CA is not a CA": (lambda w, p: ["client", "start", "--site-config", str(_site_with_ca(
