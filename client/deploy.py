@@ -19,7 +19,7 @@ from pathlib import Path
 from client.gate import FLOWER_CLIENTAPP
 from client.site import SiteConfig
 from common import keys
-from common.certs import load_certificate
+from common.certs import check_ca_certificate
 from common.errors import ConfigError
 from common.runtime import check_port_free, flower_tool
 
@@ -40,6 +40,8 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
                           "`fedsilo app digest`.")
     approved = site.policy.approved_digests()  # fails here, not at the first job, if a digest cannot be built
     log.info("client: site %s approves app(s) %s", site.name, ", ".join(sorted(approved)))
+    rows = site.check_data()  # a missing, unreadable or malformed data file fails now, not at the first round
+    log.info("client: site %s has %d rows of data in %s", site.name, rows, site.data)
     cmd = [flower_tool("flower-supernode"), "--superlink", site.server, "--port", str(port),
            "--isolation", "subprocess",
            "--node-config", f'{keys.NODE_SITE_CONFIG}="{site_config.resolve()}"']
@@ -51,15 +53,17 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
                               "'node_key'.")
         log.warning("client: site %s connects WITHOUT TLS or node authentication (insecure = true): local "
                     "development only.", site.name)
-        return [*cmd, "--insecure"]
-    for key, value in (("ca", site.ca), ("node_key", site.node_key)):
-        if not value:
-            raise ConfigError(f"Site config {site_config}: '{key}' is required for a TLS connection.")
-        if not Path(value).is_file():
-            raise ConfigError(f"Site config {site_config}: {key} file {value} does not exist.")
-    load_certificate(Path(site.ca))
-    check_port_free("127.0.0.1", port)
-    return [*cmd, "--root-certificates", site.ca, "--auth-supernode-private-key", site.node_key]
+        cmd.append("--insecure")
+    else:
+        for key, value in (("ca", site.ca), ("node_key", site.node_key)):
+            if not value:
+                raise ConfigError(f"Site config {site_config}: '{key}' is required for a TLS connection.")
+            if not Path(value).is_file():
+                raise ConfigError(f"Site config {site_config}: {key} file {value} does not exist.")
+        check_ca_certificate(Path(site.ca))
+        cmd += ["--root-certificates", site.ca, "--auth-supernode-private-key", site.node_key]
+    check_port_free("127.0.0.1", port)  # the SuperNode's local runtime API
+    return cmd
 
 
 REFUSED_EXIT = 126

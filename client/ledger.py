@@ -1,9 +1,15 @@
 """A site's persistent privacy ledger: every DP-SGD charge the site has made, for the life of the site.
 
 The file is JSON with a sha256 checksum of its body, written atomically (temporary file, fsync, rename, fsync of
-the directory) under an exclusive lock. A missing file means nothing was spent; an unreadable, corrupted or
+the directory) under an exclusive lock (`<ledger>.lock`, held for the whole read-charge-write). A missing file means
+nothing was spent, unless the lock file records that a ledger was written here before: then the ledger was deleted
+or lost, and the site refuses to train rather than start again from zero. An unreadable, corrupted, torn or
 foreign file raises `LedgerError` and the site refuses to train. Each charge records (round, sigma, q, steps,
 delta, epsilon after), so anyone can recompute epsilon with Opacus.
+
+Crash safety: a charge is durable (file and directory fsynced) before `charge` returns, and the caller trains
+only after it returns, so a crash at any point can only over-count. A crash mid-write leaves the previous ledger
+intact plus a temporary file, which the next locked open removes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "fedsilo-ledger/1"
+# Written into the lock file once the ledger file exists: from then on a missing ledger is an error, not "empty".
+CREATED_MARK = "fedsilo-ledger: a ledger was written beside this lock file; it must not disappear.\n"
 
 
 @dataclass(frozen=True)
@@ -112,11 +120,33 @@ def _write_atomic(path: Path, ledger: Ledger) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _make_dirs_durable(directory: Path) -> None:
+    """Create `directory` and any missing parents, syncing each new entry into its parent: a crash right after
+    a site's first charge must not lose the directory that holds its ledger."""
+    created: list[Path] = []
+    current = directory
+    while not current.exists():
+        created.append(current)
+        current = current.parent
+    if not created:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for new in reversed(created):
+            _fsync_dir(new.parent)
+    except OSError as exc:
+        raise LedgerError(f"Cannot create the ledger directory {directory}: {exc}. Refusing to train.") from exc
 
 
 class LedgerFile:
@@ -132,17 +162,49 @@ class LedgerFile:
     @contextlib.contextmanager
     def open(self) -> Iterator[Ledger]:
         """Lock, load (or start empty), yield the ledger; nothing is written unless `charge` is called."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with lock_path.open("a") as lock:
+        _make_dirs_durable(self.path.parent)
+        with self.lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self._remove_torn_writes()
                 yield self._load()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _existed_before(self) -> bool:
+        try:
+            return CREATED_MARK.strip() in self.lock_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise LedgerError(f"Ledger lock {self.lock_path} cannot be read: {exc}. Refusing to train.") from exc
+
+    def _mark_created(self) -> None:
+        """Record in the lock file (durably) that the ledger exists, so that its loss is detected."""
+        if self._existed_before():
+            return
+        with self.lock_path.open("a", encoding="utf-8") as fh:
+            fh.write(CREATED_MARK)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _remove_torn_writes(self) -> None:
+        """Remove temporary files of writes interrupted by a crash (only called under the exclusive lock, so no
+        write is in flight); the ledger itself is still the last complete version."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            log.warning("ledger: removing %s, left by an interrupted write (the ledger is intact)", tmp)
+            tmp.unlink(missing_ok=True)
+
     def _load(self) -> Ledger:
         if not self.path.exists():
+            if self._existed_before():
+                raise LedgerError(
+                    f"Ledger {self.path} is missing, but {self.lock_path.name} records that this site kept a ledger "
+                    "there: it was deleted or lost. Refusing to train (spent epsilon would restart from zero). "
+                    f"Restore it from a backup; to start a new ledger on purpose, also delete {self.lock_path}."
+                )
             return Ledger(self.site, self.epsilon_budget, self.delta, self.accountant)
         try:
             text = self.path.read_text(encoding="utf-8")
@@ -156,6 +218,11 @@ class LedgerFile:
                 f"Ledger {self.path} was kept at delta={ledger.delta:g} with the {ledger.accountant} accountant; "
                 f"the site config says delta={self.delta:g}, {self.accountant}. Epsilons are not comparable."
             )
+        if not self._existed_before():  # a ledger written before loss detection existed, or a crash in between
+            try:
+                self._mark_created()
+            except OSError as exc:
+                log.warning("ledger: could not record in %s that %s exists: %s", self.lock_path, self.path, exc)
         # The budget may be changed by the site admin (it is the site's own config); what was spent stays.
         ledger.epsilon_budget = self.epsilon_budget
         return ledger
@@ -176,6 +243,11 @@ class LedgerFile:
         except OSError as exc:
             ledger.entries.pop()
             raise LedgerError(f"Could not persist ledger {self.path}: {exc}. Refusing to train.") from exc
+        try:
+            self._mark_created()
+        except OSError as exc:  # the charge itself is durable; only the loss detection could not be recorded
+            raise LedgerError(f"Could not record the ledger's existence in {self.lock_path}: {exc}. "
+                              "Refusing to train.") from exc
         log.info("ledger: site %s charged round %s: sigma=%.4g q=%.4g steps=%d -> epsilon %.4f of %.4g",
                  ledger.site, server_round, sigma, q, steps, after, ledger.epsilon_budget)
         return entry

@@ -1,11 +1,12 @@
 """What a department does when asked to train or evaluate: pure of Flower (the ClientApp wraps it).
 
 Order of operations for a training round, all on site:
-1. resolve the site's own config and check the job against it (labels, DP, model fingerprint);
+1. resolve the site's own config and check the job against it (labels, DP, data usable, model fingerprint);
 2. plan the round's DP charge from the site's ledger and budget, decline if it does not fit;
 3. charge the ledger (atomically) *before* training, so a crash can only over-count;
 4. train with DP-SGD, check Opacus recorded exactly the charged steps;
-5. return the update (trainable weights minus global weights) and aggregate metrics only.
+5. check the update (arrays, finiteness, norm bound) before SecAgg+ masks it;
+6. return the update (trainable weights minus global weights) and aggregate metrics only.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ from client.train import train_round
 from common import keys
 from common.config import JobConfig
 from common.data import Split
-from common.errors import BudgetExhaustedError, ModelError, PolicyError, PrivacyError, SecureAggregationError
-from common.model import BuiltModel, base_fingerprint, build_model, device
+from common.errors import (
+    BudgetExhaustedError,
+    InvalidUpdateError,
+    ModelError,
+    PolicyError,
+    PrivacyError,
+    SecureAggregationError,
+)
+from common.model import BuiltModel, base_fingerprint, build_model, device, trainable_names
 from common.params import get_trainable, max_abs, set_trainable, subtract
+from common.preflight import check_department_data
 from common.privacy import noise_for_budget, sample_rate, steps_per_round
 from common.text import Encoded, encode, evaluate
+from common.updates import check_update
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,8 @@ class Department:
                 f"Site {self.site.name} has {n} training examples, more than secagg-max-weight "
                 f"{self.job.secagg_max_weight:g}: its weight would overflow SecAgg+. Raise secagg-max-weight."
             )
+        check_department_data(self.site.name, self.split.train_labels, self.job.label_names,
+                              batch_size=self.job.batch_size, delta=self.site.delta if self.job.dp else None)
         q = sample_rate(self.job.batch_size, n)
         steps = steps_per_round(self.job.local_epochs, q)
         with self.ledger_file.open() as ledger:
@@ -117,6 +129,11 @@ class Department:
                 f"{[(sigma, q, steps)]}. Refusing to release the update."
             )
         update = subtract(get_trainable(built.model), global_arrays)
+        why = check_update(update, global_arrays, max_norm=self.job.max_update_norm,
+                           names=trainable_names(built.model))
+        if why is not None:  # checked before SecAgg+ masks it: afterwards nobody could tell whose update broke
+            raise InvalidUpdateError(f"Site {self.site.name}: refusing to send its update of round {server_round}: "
+                                     f"{why}.")
         self._check_secagg_range(update, n)
         metrics.update({keys.M_NOISE: sigma if sigma is not None else 0.0, keys.M_STEPS: result.steps,
                         keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds})

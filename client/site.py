@@ -11,11 +11,14 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import pandas as pd
+
 from client.policy import SitePolicy
 from common import keys
 from common.config import ACCOUNTANTS, JobConfig, SimulationConfig
 from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, departments_of, load_source, split_department
 from common.errors import ConfigError, DataError
+from common.preflight import check_department_data
 
 
 def _has_type(value: object, kind: str) -> bool:
@@ -96,13 +99,38 @@ class SiteConfig:
         cfg.validate()
         return cfg
 
-    def load_split(self, labels: tuple[str, ...]) -> Split:
-        """This site's train/test split, with labels indexed in the job's label order."""
+    def _frame(self) -> tuple[pd.DataFrame, str]:
         frame = load_source(self.data, self.text_column, self.label_column, self.department_column or None)
         department = self.name if (self.department_column or self.data == "hutto") else frame[DEPARTMENT].iloc[0]
         if department not in set(frame[DEPARTMENT]):
             raise DataError(f"Site {self.name!r}: no rows for department {department!r} in {self.data}.")
+        return frame, department
+
+    def load_split(self, labels: tuple[str, ...]) -> Split:
+        """This site's train/test split, with labels indexed in the job's label order."""
+        frame, department = self._frame()
         return split_department(frame, department, labels, self.test_fraction, self.split_seed)
+
+    def check_data(self) -> int:
+        """Load the site's data as a job would (file, encoding, columns, its department's rows); return the row
+        count. The job's labels are not known yet, so they are checked when a job arrives."""
+        frame, department = self._frame()
+        return int((frame[DEPARTMENT] == department).sum())
+
+
+def preflight_sites(sites: list[SiteConfig], job: JobConfig) -> dict[str, int]:
+    """What every department checks before it trains, done once up front: the model resolves, and each
+    department's data splits into usable training data (labels, size, classes, delta). Returns training sizes."""
+    from common.model import resolve_model_dir  # imports torch: only here, not for `fedsilo budget`
+
+    resolve_model_dir(job.model)
+    sizes: dict[str, int] = {}
+    for site in sites:
+        split = site.load_split(job.label_names)
+        check_department_data(site.name, split.train_labels, job.label_names, batch_size=job.batch_size,
+                              delta=site.delta if job.dp else None)
+        sizes[site.name] = len(split.train_labels)
+    return sizes
 
 
 def simulated_sites(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> list[SiteConfig]:

@@ -543,3 +543,22 @@ def check_certificate(cert_path: Path, ca_path: Path) -> None:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise ConfigError(f"Certificate {cert_path} is not signed by the CA {ca_path}.") from exc
+
+
+def check_ca_certificate(ca_path: Path) -> None:
+    """Raise `ConfigError` unless `ca_path` is a currently valid CA certificate (what a department trusts)."""
+    ca_cert = load_certificate(ca_path)
+    _check_is_ca(ca_cert, ca_path)
+    _check_validity(ca_cert, ca_path)
+
+
+def check_key_matches(cert_path: Path, key_path: Path) -> None:
+    """Raise `ConfigError` unless the PEM private key at `key_path` belongs to the certificate at `cert_path`."""
+    cert = load_certificate(cert_path)
+    data = _read(key_path, "Private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{key_path} is not an unencrypted PEM private key.") from exc
+    if key.public_key() != cert.public_key():
+        raise ConfigError(f"{key_path} is not the private key of the certificate {cert_path} (mismatched pair).")

@@ -82,6 +82,8 @@ class JobConfig:
     optimizer: str = "adam"  # local optimizer: "adam" or "sgd" (momentum 0.9)
     local_epochs: float = 0.25  # fraction of a department's training data visited per round
     clip_norm: float = 1.0  # per-example gradient clipping norm (DP-SGD)
+    max_update_norm: float = 1000.0  # L2 bound on one department's update: checked on site before masking, and by
+    # the server (each update without SecAgg+, the aggregate with it); generous: LoRA updates here stay below ~20
     dp: bool = True  # DP-SGD on; off only for baselines
     grad_sample_mode: str = "hooks"  # Opacus per-sample gradient mode (hooks: fastest for LoRA here)
     secagg: bool = True  # SecAgg+ on
@@ -126,6 +128,7 @@ class JobConfig:
             ("learning-rate", self.learning_rate),
             ("local-epochs", self.local_epochs),
             ("clip-norm", self.clip_norm),
+            ("max-update-norm", self.max_update_norm),
             ("secagg-max-weight", self.secagg_max_weight),
             ("secagg-clipping-range", self.secagg_clipping_range),
             ("secagg-quantization-range", self.secagg_quantization_range),

@@ -44,6 +44,8 @@ NEGATIVE, POSITIVE = "negative", "positive"
 
 TEXT, LABEL, DEPARTMENT = "text", "label", "department"
 MAX_TEXT_CHARS = 100_000  # longer cells are almost certainly not a text snippet (e.g. a whole file pasted)
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")  # UTF-8 text never holds a NUL byte; a file that does is not text
+TEXT_SNIFF_BYTES = 1 << 16
 
 
 def _sha256(path: Path) -> str:
@@ -136,11 +138,22 @@ def load_table(path: Path, text_column: str, label_column: str, department_colum
     if reader is None:
         raise DataError(f"Data file {path}: unsupported format {path.suffix!r}; use one of {sorted(_READERS)}.")
     try:
+        with path.open("rb") as fh:
+            head = fh.read(TEXT_SNIFF_BYTES)
+    except OSError as exc:
+        raise DataError(f"Data file {path} cannot be read: {exc.strerror or exc}.") from exc
+    if not head:
+        raise DataError(f"Data file {path} is empty (0 bytes).")
+    if path.suffix.lower() in TEXT_SUFFIXES and b"\x00" in head:
+        raise DataError(f"Data file {path} is not a text file (it contains NUL bytes: binary, or not UTF-8).")
+    try:
         raw = reader(path)
     except UnicodeDecodeError as exc:
         raise DataError(f"Data file {path} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from exc
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+    except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"Data file {path} could not be parsed: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"Data file {path} cannot be read: {exc.strerror or exc}.") from exc
     if raw.empty:
         raise DataError(f"Data file {path} has no rows.")
     wanted = [text_column, label_column] + ([department_column] if department_column else [])
@@ -161,6 +174,9 @@ def load_table(path: Path, text_column: str, label_column: str, department_colum
         raise DataError(f"Data file {path}: {empty_text} row(s) have an empty '{text_column}'.")
     if (frame[LABEL] == "").any():
         raise DataError(f"Data file {path}: some rows have an empty '{label_column}'.")
+    with_nul = int(frame[TEXT].str.contains("\x00", regex=False).sum())
+    if with_nul:
+        raise DataError(f"Data file {path}: {with_nul} '{text_column}' value(s) contain NUL characters (binary data?).")
     too_long = int((frame[TEXT].str.len() > MAX_TEXT_CHARS).sum())
     if too_long:
         raise DataError(f"Data file {path}: {too_long} text(s) exceed {MAX_TEXT_CHARS} characters.")

@@ -40,3 +40,7 @@ class SecureAggregationError(PrivacyError):
 class PolicyError(PrivacyError):
     """A job asks for something the site's own policy does not allow (unapproved app, too many rounds or too much
     epsilon, an unpinned server); the site refuses it."""
+
+
+class InvalidUpdateError(FedsiloError):
+    """A model update is unusable (wrong arrays, not finite, or over the norm bound); it is never sent or applied."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.appbundle import app_dir, stage_app
-from common.certs import check_certificate
+from common.certs import check_certificate, check_key_matches
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError
 from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
@@ -95,6 +95,7 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
             if not (certs / name).is_file():
                 raise ConfigError(f"{certs / name} is missing (create it with `fedsilo certs init`).")
         check_certificate(certs / SERVER_CERT, certs / CA_FILE)
+        check_key_matches(certs / SERVER_CERT, certs / SERVER_KEY)
     check_port_free(host, port)
     state = ServerState(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,9 @@ def submit_job(state_dir: Path, rc: RunConfig, app: Path | None = None) -> int:
         raise ConfigError("A deployed job must name its labels (--labels a,b): the server holds no data.")
     if not job.out_dir:
         raise ConfigError("A deployed job needs an output directory on the server (--out).")
+    from common.model import resolve_model_dir  # imports torch: only when a job is submitted
+
+    resolve_model_dir(job.model)  # the ServerApp builds the model on this host: an unknown path fails here, not there
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
     with tempfile.TemporaryDirectory(prefix="fedsilo-app-") as staged:
         stage_app(app or app_dir(), Path(staged))

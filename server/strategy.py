@@ -31,6 +31,7 @@ from flwr.server.strategy import FedAvg
 from common import keys
 from common.config import JobConfig
 from common.params import add
+from common.updates import AGGREGATE_NORM_SLACK, check_update
 from server.report import DepartmentRound, RunRecorder
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,12 @@ def failure_text(exc: BaseException) -> str:
     return tail[-FAILURE_TEXT_CHARS:]
 
 
-def check_update(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
-    """Why `arrays` cannot be an update of `reference` (count, shape, finiteness), or None if it can."""
-    if len(arrays) != len(reference):
-        return f"{len(arrays)} arrays instead of {len(reference)}"
-    for i, (a, r) in enumerate(zip(arrays, reference, strict=True)):
-        if a.shape != r.shape:
-            return f"array {i} has shape {a.shape} instead of {r.shape}"
-        if not np.isfinite(a).all():
-            return f"array {i} is not finite"
-    return None
+def _decode(res: FitRes) -> list[np.ndarray] | str:
+    """The arrays of a result, or why they cannot be decoded (a hostile or broken payload)."""
+    try:
+        return parameters_to_ndarrays(res.parameters)
+    except (ValueError, TypeError, OSError, EOFError) as exc:
+        return f"payload cannot be decoded ({type(exc).__name__})"
 
 
 class FedSiloStrategy(FedAvg):
@@ -117,12 +114,15 @@ class FedSiloStrategy(FedAvg):
             record.departments[name] = dept
             if status != keys.STATUS_TRAINED or res.num_examples <= 0:
                 continue
-            why = check_update(parameters_to_ndarrays(res.parameters), self.global_arrays)
-            if why is not None:
-                # Without SecAgg+ this is one department's update; with it, the (shared) aggregate.
-                dept.status, dept.reason = keys.STATUS_FAILED, f"rejected update: {why}"
-                log.error("aggregate_fit: round %s: rejected the update of %s: %s", server_round, name, why)
-                continue
+            if not self.job.secagg:  # the server sees this department's own update: check it, name who sent it
+                arrays = _decode(res)
+                why = arrays if isinstance(arrays, str) else check_update(
+                    arrays, self.global_arrays, max_norm=self.job.max_update_norm)
+                if why is not None:
+                    dept.status, dept.reason = keys.STATUS_FAILED, f"rejected update: {why}"
+                    log.error("aggregate_fit: round %s: rejected the update of %s (node %s): %s", server_round, name,
+                              proxy.node_id, why)
+                    continue
             accepted.append((proxy, res))
         if not self.job.secagg:  # under SecAgg+ the workflow reports dropouts stage by stage
             self._record_missing(server_round, "train", {proxy.node_id for proxy, _ in results})
@@ -131,6 +131,16 @@ class FedSiloStrategy(FedAvg):
             log.warning("aggregate_fit: round %s: no usable update; keeping the previous global model",
                         server_round)
             return ndarrays_to_parameters(self.global_arrays), {}
+        if self.job.secagg:  # every result carries the same unmasked aggregate: check it once
+            aggregate = _decode(accepted[0][1])
+            why = aggregate if isinstance(aggregate, str) else check_update(
+                aggregate, self.global_arrays, exact_dtype=False,
+                max_norm=self.job.max_update_norm * (1 + AGGREGATE_NORM_SLACK))
+            if why is not None:
+                record.aggregate = f"kept_previous: unmasked aggregate unusable: {why}"
+                log.error("aggregate_fit: round %s: the unmasked aggregate is unusable (%s); keeping the previous "
+                          "global model", server_round, why)
+                return ndarrays_to_parameters(self.global_arrays), {}
         averaged, _ = super().aggregate_fit(server_round, accepted, [])
         if averaged is None:
             record.aggregate = "kept_previous: aggregation failed"

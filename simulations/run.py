@@ -17,7 +17,7 @@ import torch
 from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
-from client.site import simulated_sites
+from client.site import preflight_sites, simulated_sites
 from common.config import JobConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
@@ -54,7 +54,7 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
     sites = simulated_sites(job, sim, out_dir.resolve())
     if len(sites) < job.min_departments:
         raise ConfigError(f"The data has {len(sites)} department(s); the job needs at least {job.min_departments}.")
-    sizes = {s.name: len(s.load_split(job.label_names).train_texts) for s in sites}
+    sizes = preflight_sites(sites, job)  # what each department would refuse at its first round, refused now
     small = {n: k for n, k in sizes.items() if k < 2}
     if small:
         raise ConfigError(f"Department(s) with fewer than 2 training examples: {small}.")

@@ -278,3 +278,19 @@ def test_hutto_labels_and_text(hutto: pd.DataFrame) -> None:
     assert (hutto[TEXT].str.len() > 0).all()
     for department in ("amazon", "movies", "nyt", "tweets"):
         assert set(hutto.loc[hutto[DEPARTMENT] == department, LABEL]) == {"negative", "positive"}
+
+
+def test_utf16_text_is_not_utf8_text(tmp_path: Path) -> None:
+    path = tmp_path / "notes.csv"
+    path.write_text("text,label\nhello,positive\n", encoding="utf-16")
+    with pytest.raises(DataError, match="is not a text file"):
+        load_table(path, "text", "label", None)
+
+
+def test_nul_in_a_text_cell_beyond_the_sniffed_head(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jsonl"
+    rows = [f'{{"text": "note {i} {"x" * 100}", "label": "positive"}}' for i in range(1000)]
+    rows.append('{"text": "bad \\u0000 cell", "label": "negative"}')
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="1 'text' value\\(s\\) contain NUL"):
+        load_table(path, "text", "label", None)
