@@ -86,20 +86,20 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read `run_dir`'s checkpoint; ConfigError if there is none or it is not a readable fedsilo checkpoint."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise ConfigError(f"Cannot resume: {path} does not exist (no round of a run was started in {run_dir}).")
+        raise ConfigError(f"{path} does not exist (no round of a run was started in {run_dir}).")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"Cannot resume: {path} is not a readable checkpoint ({exc}).") from exc
+        raise ConfigError(f"{path} is not a readable checkpoint ({exc}).") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ConfigError(f"Cannot resume: {path} has format {found!r}, expected {FORMAT!r}.")
+        raise ConfigError(f"{path} has checkpoint format {found!r}, expected {FORMAT!r}.")
     try:
         return Checkpoint(round=int(doc["round"]), run_config=dict(doc["run_config"]),
                           trainable={n: t.numpy() for n, t in doc["trainable"].items()},
                           report=dict(doc["strategy"]["report"]), versions=dict(doc["versions"]))
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"Cannot resume: {path} lacks a field ({exc!r}).") from exc
+        raise ConfigError(f"Checkpoint {path} lacks a field ({exc!r}).") from exc
 
 
 def resume_config(saved: RunConfig, asked: RunConfig, run_dir: Path) -> dict[str, bool | int | float | str]:

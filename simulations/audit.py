@@ -28,10 +28,11 @@ from client.site import simulated_sites
 from common.accountant_check import check_ledger
 from common.config import JobConfig
 from common.data import resolve_job
-from common.errors import ConfigError, ModelError
-from common.model import build_model, device, trainable_names
+from common.errors import ConfigError, ModelError, ParameterMismatchError
+from common.model import build_model, device
+from common.params import set_trainable
 from common.text import encode, model_inputs
-from server.checkpoint import CHECKPOINT
+from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
 from server.report import REPORT_JSON, write_atomic
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def per_example_loss(model: torch.nn.Module, tokenizer: Any, texts: list[str], l
     return out
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], Checkpoint]:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory.")
     report_path, checkpoint_path = run_dir / REPORT_JSON, run_dir / CHECKPOINT
@@ -131,27 +132,19 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                           "data, which only a simulation has on this machine.")
     try:
         report = json.loads(report_path.read_text())
-        checkpoint = torch.load(checkpoint_path, weights_only=True)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{run_dir}: cannot read the run's report or checkpoint: {exc}") from exc
-    if checkpoint.get("format") != "fedsilo-checkpoint/1" or "config" not in report:
-        raise ConfigError(f"{run_dir}: unknown report or checkpoint format.")
-    return report, checkpoint
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{run_dir}: cannot read the run's report: {exc}") from exc
+    if not isinstance(report, dict) or "config" not in report:
+        raise ConfigError(f"{run_dir}: unknown report format.")
+    return report, load_checkpoint(run_dir)
 
 
-def _global_model(job: JobConfig, checkpoint: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+def _global_model(job: JobConfig, checkpoint: Checkpoint) -> tuple[torch.nn.Module, Any]:
     built = build_model(job, len(job.label_names))
-    names = trainable_names(built.model)
-    saved = checkpoint["trainable"]
-    if list(saved) != names:
-        raise ModelError("The checkpoint's tensors do not match the model its job config builds.")
-    params = dict(built.model.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            if tuple(saved[name].shape) != tuple(params[name].shape):
-                raise ModelError(f"Checkpoint tensor {name} has shape {tuple(saved[name].shape)}, expected "
-                                 f"{tuple(params[name].shape)}.")
-            params[name].copy_(saved[name])
+    try:
+        set_trainable(built.model, checkpoint.arrays_for(built.model))
+    except ParameterMismatchError as exc:
+        raise ModelError(f"The checkpoint's tensors do not match the model its job config builds: {exc}") from exc
     return built.model, built.tokenizer
 
 
@@ -221,7 +214,7 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
                   "rows, non-members = their held-out rows",
         "target_fpr": TARGET_FPR, "confidence": CONFIDENCE, "bootstrap": bootstrap,
         "dp": final.get("dp"), "epsilon": final.get("epsilon"), "delta": final.get("delta"),
-        "rounds": checkpoint.get("round"),
+        "rounds": checkpoint.round,
         "results": {name: dataclasses.asdict(r) for name, r in results.items()},
         "accountant_check": ledgers,
     }
