@@ -391,7 +391,7 @@ def _cmd_server_register(args: argparse.Namespace) -> int:
 def _cmd_server_nodes(args: argparse.Namespace) -> int:
     from server.deploy import list_nodes
 
-    print(list_nodes(args.state_dir), end="")
+    print(list_nodes(args.state_dir, as_json=args.json), end="")
     return 0
 
 
@@ -465,6 +465,7 @@ def _add_deployment(sub: argparse._SubParsersAction) -> None:
     reg.set_defaults(func=_cmd_server_register)
     nodes = ssub.add_parser("nodes", help="list registered departments' nodes and whether they are online")
     nodes.add_argument("--state-dir", type=Path, required=True)
+    nodes.add_argument("--json", action="store_true", help="Flower's JSON listing (node-id, status, ...), for scripts")
     nodes.set_defaults(func=_cmd_server_nodes)
     run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end")
     run.add_argument("--state-dir", type=Path, required=True)

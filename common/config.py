@@ -98,6 +98,9 @@ class JobConfig:
     out_dir: str = ""  # where the server writes report, CSV, plots and checkpoints ("" = none)
     resume: bool = False  # continue the run whose checkpoint is in out-dir (`--resume`), from its last round
     round_retries: int = 1  # times a round whose secure aggregation halted is retried before it counts as failed
+    stage_timeout: float = 1800.0  # seconds the server waits for replies to one message exchange (a SecAgg+ stage,
+    # training, evaluation); a department still silent then counts as dropped for the round. Flower waits for the
+    # message's TTL (12 h) otherwise, e.g. when a SuperNode died and restarted holding the round's message.
 
     @classmethod
     def from_run_config(cls, rc: RunConfig) -> JobConfig:
@@ -129,6 +132,7 @@ class JobConfig:
             ("local-epochs", self.local_epochs),
             ("clip-norm", self.clip_norm),
             ("max-update-norm", self.max_update_norm),
+            ("stage-timeout", self.stage_timeout),
             ("secagg-max-weight", self.secagg_max_weight),
             ("secagg-clipping-range", self.secagg_clipping_range),
             ("secagg-quantization-range", self.secagg_quantization_range),

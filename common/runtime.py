@@ -37,7 +37,10 @@ def tool_env(base: dict[str, str] | None = None, *, first: Path | None = None) -
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on. SO_REUSEADDR as the servers themselves set it: connections of a
+    server that just died (TIME_WAIT) must not keep its restart from binding the same port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -32,7 +32,7 @@ FORMAT = "fedsilo-checkpoint/2"
 VERSIONED = ("torch", "flwr", "opacus", "transformers", "peft")
 # Run-config keys a resumed job may change: where the run lives, how it is started and how patient it is.
 # Everything else (model, data, DP, SecAgg+, optimisation, rounds, labels, seed) must be what the checkpoint says.
-MAY_DIFFER_ON_RESUME = frozenset({"out-dir", "resume", "min-departments", "round-retries"})
+MAY_DIFFER_ON_RESUME = frozenset({"out-dir", "resume", "min-departments", "round-retries", "stage-timeout"})
 
 
 def library_versions() -> dict[str, str]:

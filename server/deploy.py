@@ -122,8 +122,9 @@ def register_node(state_dir: Path, public_key: Path, name: str) -> str:
     return proc.stdout.strip()
 
 
-def list_nodes(state_dir: Path) -> str:
-    proc = _flwr(ServerState(state_dir), "supernode", "list", CONNECTION)
+def list_nodes(state_dir: Path, as_json: bool = False) -> str:
+    """Flower's table of the registered nodes (or its JSON: node-id, status, online-at, offline-at, ...)."""
+    proc = _flwr(ServerState(state_dir), "supernode", "list", CONNECTION, *(["--format", "json"] if as_json else []))
     if proc.returncode != 0:
         raise DeploymentError(f"Listing nodes failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
     return proc.stdout

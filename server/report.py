@@ -66,6 +66,7 @@ class RoundRecord:
     dropouts: list[dict[str, Any]] = field(default_factory=list)  # {department, node_id, stage, attempt}
     attempts: int = 1  # fit attempts (a round whose secure aggregation halted may be retried)
     peak_rss_mb: float | None = None  # peak resident memory of the server's process tree during the round
+    update_norm: float | None = None  # L2 norm of the applied global update (new global - previous), if applied
 
 
 @dataclass
@@ -88,7 +89,7 @@ class RunRecorder:
                               global_accuracy=r["global_accuracy"], failures=int(r["failures"]),
                               aggregate=str(r["aggregate"]), errors=list(r["errors"]),
                               dropouts=list(r.get("dropouts", [])), attempts=int(r.get("attempts", 1)),
-                              peak_rss_mb=r.get("peak_rss_mb"))
+                              peak_rss_mb=r.get("peak_rss_mb"), update_norm=r.get("update_norm"))
             rec.departments = {n: DepartmentRound(**d) for n, d in r["departments"].items()}
             rounds.append(rec)
         return cls(config=config, out_dir=out_dir, departments={n: dict(v) for n, v in doc["departments"].items()},
@@ -111,6 +112,7 @@ class RunRecorder:
                  "global_accuracy": _finite(r.global_accuracy),
                  "failures": r.failures, "aggregate": r.aggregate, "errors": r.errors,
                  "attempts": r.attempts, "dropouts": r.dropouts, "peak_rss_mb": r.peak_rss_mb,
+                 "update_norm": r.update_norm,
                  "departments": {n: {k: v for k, v in vars(d).items() if v is not None or k != "reason"}
                                  for n, d in sorted(r.departments.items())}}
                 for r in self.rounds

@@ -8,16 +8,17 @@ with the initial weights).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
 from flwr.compat.server.typing import Workflow
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
+from flwr.serverapp.grid import Grid as GridBase
 
 from common.config import JobConfig
 from server.strategy import FedSiloStrategy
@@ -71,12 +72,75 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             dropped = before - set(state.active_node_ids)
             if dropped:
                 on_dropout(_current_round(context), stage_name, dropped, self._attempt)
+            if stage_name in ("setup", "share_keys"):
+                _forget_unmasked_dropouts(state)
             if not ok:
                 self._halted = True
                 on_halt(_current_round(context), list(state.failures), self._attempt)
             return ok
 
         return run
+
+
+class StageTimeoutGrid(GridBase):
+    """`grid`, except that an exchange without a timeout waits at most `timeout` seconds for its replies.
+
+    Flower's legacy fit and evaluate workflows (and SecAgg+ without its own timeout) wait for every reply until the
+    message's TTL (12 h): a department whose SuperNode died after taking the round's message and came back within
+    the heartbeat window (so the SuperLink never declared it offline) would hold the whole job. With this, its
+    missing reply makes it a dropout of that stage (SecAgg+ reconstructs its masks from the others' shares).
+    """
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self._grid = grid
+        self._timeout = timeout
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        out = list(messages)
+        replies = list(self._grid.send_and_receive(out, timeout=self._timeout if timeout is None else timeout))
+        silent = {m.metadata.dst_node_id for m in out} - {r.metadata.src_node_id for r in replies}
+        if silent:
+            # The workflows record them as dropouts of the stage (the strategy's and SecAgg+'s own bookkeeping).
+            log.warning("no reply from node(s) %s within %.0fs (stage-timeout); they count as dropped",
+                        sorted(silent), self._timeout if timeout is None else timeout)
+        return replies
+
+
+def _forget_unmasked_dropouts(state: Any) -> None:
+    """After setup and share_keys: only the departments still active take part in masking from now on.
+
+    A department that stops before completing share_keys never sends its key shares, so nobody masks with it
+    (`secaggplus_mod` masks only with the neighbours whose shares it received). Flower 1.41 nevertheless keeps it in
+    `sampled_node_ids` and in everyone's neighbour set, so the unmask stage asks the survivors for shares they never
+    received (each fails with `KeyError: <node id>`) and the round halts, though enough departments remain; it would
+    also remove pairwise masks that were never added. Departments that drop after share_keys (their shares are out)
+    stay: their masks are reconstructed from the survivors' shares, as the protocol intends.
+    """
+    active = set(state.active_node_ids)
+    state.sampled_node_ids = active
+    for node_id, neighbours in state.nid_to_neighbours.items():
+        if node_id in active:
+            neighbours.intersection_update(active | {node_id})
 
 
 def skip_completed(workflow: Workflow, completed_rounds: int) -> Workflow:
@@ -121,4 +185,4 @@ def run_workflow(grid: Grid, context: Context, job: JobConfig, strategy: FedSilo
     """Run the job's rounds after `completed_rounds` (0 for a new run, the checkpoint's round when resuming)."""
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=job.num_server_rounds),
                            strategy=strategy)
-    build_workflow(job, strategy, completed_rounds)(grid, legacy)
+    build_workflow(job, strategy, completed_rounds)(StageTimeoutGrid(grid, job.stage_timeout), legacy)

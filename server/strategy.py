@@ -31,7 +31,7 @@ from flwr.server.strategy import FedAvg
 from common import keys
 from common.config import JobConfig
 from common.params import add
-from common.updates import AGGREGATE_NORM_SLACK, check_update
+from common.updates import AGGREGATE_NORM_SLACK, check_update, update_norm
 from server.report import DepartmentRound, RunRecorder
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class FedSiloStrategy(FedAvg):
         accepted: list[tuple[ClientProxy, FitRes]] = []
         for proxy, res in results:
             name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
-            self.node_names[proxy.node_id] = name
+            self._learn_name(proxy.node_id, name)
             status = str(_scalar(res.metrics, keys.M_STATUS, keys.STATUS_FAILED))
             self.recorder.department(name)["n_train"] = int(_scalar(res.metrics, keys.M_NUM_EXAMPLES, 0))
             dept = DepartmentRound(status=status, epsilon=_scalar(res.metrics, keys.M_EPSILON),
@@ -153,8 +153,23 @@ class FedSiloStrategy(FedAvg):
                       server_round, why)
             return ndarrays_to_parameters(self.global_arrays), {}
         record.aggregate = "applied"
+        record.update_norm = update_norm(parameters_to_ndarrays(averaged))
         self.global_arrays = new_global
         return ndarrays_to_parameters(new_global), {}
+
+    def _learn_name(self, node_id: int, name: str) -> None:
+        """Remember which department a node is; records made before it first answered (it dropped out before
+        saying who it is) are renamed from `node-<id>`."""
+        if self.node_names.get(node_id) == name:
+            return
+        self.node_names[node_id] = name
+        placeholder = f"node-{node_id}"
+        for record in self.recorder.rounds:
+            if placeholder in record.departments:
+                record.departments.setdefault(name, record.departments.pop(placeholder))
+            for dropout in record.dropouts:
+                if dropout["department"] == placeholder:
+                    dropout["department"] = name
 
     def record_halt(self, server_round: int, failures: list[BaseException], attempt: int = 1) -> None:
         """Secure aggregation halted this round (too few departments answered); record why."""
@@ -207,7 +222,7 @@ class FedSiloStrategy(FedAvg):
         correct = total = 0
         for proxy, res in results:
             name = str(_scalar(res.metrics, keys.M_DEPARTMENT, f"node-{proxy.node_id}"))
-            self.node_names[proxy.node_id] = name
+            self._learn_name(proxy.node_id, name)
             dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
             dept.accuracy = float(_scalar(res.metrics, keys.M_ACCURACY, 0.0))
             dept.epsilon = _scalar(res.metrics, keys.M_EPSILON, dept.epsilon)

@@ -55,20 +55,35 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def stop_all(self) -> None:
-        # Flower starts helpers in sessions of their own (superexec, flwr-clientapp): collect descendants, and
-        # helpers orphaned by a process that already exited (they name their parent with --parent-pid).
-        family: list[psutil.Process] = []
-        for proc in self.procs:
+    def family(self, procs: list[subprocess.Popen] | None = None) -> list[psutil.Process]:
+        """`procs` (default: all) with their descendants, and the helpers Flower started for them in sessions of
+        their own (superexec, flwr-clientapp), including those orphaned by an exited parent (they name their parent
+        with --parent-pid)."""
+        chosen = self.procs if procs is None else procs
+        members: list[psutil.Process] = []
+        for proc in chosen:
             try:
-                family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                members += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-        ours = {str(proc.pid) for proc in self.procs}
+        ours = {str(m.pid) for m in members}
         for other in psutil.process_iter(["cmdline"]):
             cmdline = other.info["cmdline"] or []
             if "--parent-pid" in cmdline[:-1] and cmdline[cmdline.index("--parent-pid") + 1] in ours:
-                family.append(other)
+                members += [other, *other.children(recursive=True)]
+        return members
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL `proc` and its whole family at once, as a crash of its host would (no clean-up runs)."""
+        members = self.family([proc])
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(members, timeout=15)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        family = self.family()
         for member in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.terminate()
