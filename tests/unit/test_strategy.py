@@ -103,3 +103,21 @@ def test_evaluation_gives_the_global_accuracy_and_finishes_the_round(strategy: F
     assert record.global_accuracy == pytest.approx(24 / 40)
     assert record.departments["b"].epsilon == 3.0 and record.departments["b"].n_test == 30
     assert (tmp_path / "report.json").exists() and (tmp_path / "rounds.csv").exists()
+
+
+def test_a_department_that_dropped_before_answering_is_named_once_known(strategy: FedSiloStrategy) -> None:
+    strategy.record_dropouts(1, "setup", {7})
+    assert strategy.recorder.round(1).departments["node-7"].status == keys.STATUS_DROPPED
+    a = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+    strategy.aggregate_fit(2, [(_proxy(7), _fit("radiology", a, 10)), (_proxy(8), _fit("oncology", a, 10))], [])
+    first = strategy.recorder.rounds[0]
+    assert "node-7" not in first.departments
+    assert first.departments["radiology"].status == keys.STATUS_DROPPED
+    assert [d["department"] for d in first.dropouts] == ["radiology"]
+    assert strategy.recorder.round(2).update_norm == 0.0
+
+
+def test_applied_round_records_how_far_the_model_moved(strategy: FedSiloStrategy) -> None:
+    a = [np.full((2, 3), 1.0, np.float32), np.zeros(4, np.float32)]
+    strategy.aggregate_fit(1, [(_proxy(1), _fit("a", a, 10))], [])
+    assert strategy.recorder.round(1).update_norm == pytest.approx(np.sqrt(6))
