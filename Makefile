@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast lint
 setup: $(VENV)/.installed
 
 # torch first: the pinned CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
@@ -19,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/fedsilo simulate
 
+# Two workers, one test module each at a time (module fixtures: deployments, simulations): the end-to-end tests
+# mostly wait on Flower's 3 s polling and process start-ups, so two run side by side on a 2-core machine.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
+
+# The developer's quick loop: everything not marked slow (no Ray simulation, no real deployment), about 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .
