@@ -38,17 +38,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from client.ledger import LedgerFile
 from client.policy import server_certificate_fingerprint
 from client.site import SiteConfig
-from common.errors import FedsiloError, PrivacyError
+from common.errors import EgressLogError, FedsiloError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedsilo-egress/1"
 SUFFIX = ".egress.jsonl"
 GENESIS = "0" * 64  # prev_sha256 of the first line
-
-
-class EgressLogError(PrivacyError):
-    """The egress log cannot be written, or the one on disk is torn, edited or truncated."""
 
 
 def egress_log_path(ledger_path: Path) -> Path:

@@ -42,5 +42,9 @@ class PolicyError(PrivacyError):
     epsilon, an unpinned server); the site refuses it."""
 
 
+class EgressLogError(PrivacyError):
+    """A site's egress log cannot be written, or the one on disk is torn, edited or truncated."""
+
+
 class InvalidUpdateError(FedsiloError):
     """A model update is unusable (wrong arrays, not finite, or over the norm bound); it is never sent or applied."""

@@ -13,10 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Metr
 from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.egress import EgressAudit, EgressLogError, egress_log_path, read_egress_log
+from client.egress import EgressAudit, egress_log_path, read_egress_log
 from client.ledger import LedgerFile
 from client.site import SiteConfig
 from common.cli import main
+from common.errors import EgressLogError
 
 TEXT = "a secret patient note that must never leave"
 
