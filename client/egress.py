@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from client.ledger import LedgerFile
-from client.policy import server_certificate_fingerprint
+from client.policy import observed_server_fingerprint
 from client.site import SiteConfig
 from common.errors import EgressLogError, FedsiloError
 
@@ -99,12 +98,6 @@ def _round(msg: Message) -> int | None:
     return int(group) if group.isdigit() else None
 
 
-@functools.lru_cache(maxsize=8)
-def _server_cert_sha256(server: str, ca: str) -> str:
-    """The fingerprint check of the site policy, once per process (each ClientApp process sends a few messages)."""
-    return server_certificate_fingerprint(server, Path(ca))
-
-
 def _server_identity(site: SiteConfig) -> dict[str, Any]:
     """Deployment only: to whom the messages go (address and the certificate it presents)."""
     if not site.server:
@@ -114,7 +107,7 @@ def _server_identity(site: SiteConfig) -> dict[str, Any]:
         out["server_cert_error"] = "insecure connection: no server certificate"
         return out
     try:
-        out["server_cert_sha256"] = _server_cert_sha256(site.server, site.ca)
+        out["server_cert_sha256"] = observed_server_fingerprint(site.server, Path(site.ca))
     except FedsiloError as exc:
         out["server_cert_error"] = f"{type(exc).__name__}: {exc}"
     return out

@@ -7,6 +7,7 @@ connection to read the server's certificate.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import socket
@@ -91,7 +92,7 @@ class SitePolicy:
         """Pinning: the server at `address` must present the certificate whose fingerprint the policy names."""
         if not self.server_fingerprint:
             return
-        seen = server_certificate_fingerprint(address, ca)
+        seen = observed_server_fingerprint(address, ca)
         if seen != self.server_fingerprint:
             raise PolicyError(f"Site {site} refuses to work with {address}: its certificate fingerprint {seen} is "
                               f"not the pinned {self.server_fingerprint} (policy server_fingerprint).")
@@ -113,3 +114,15 @@ def server_certificate_fingerprint(address: str, ca: Path) -> str:
     if der is None:
         raise PolicyError(f"The server at {address} presented no certificate.")
     return hashlib.sha256(der).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _observed(address: str, ca: str) -> str:
+    return server_certificate_fingerprint(address, Path(ca))
+
+
+def observed_server_fingerprint(address: str, ca: Path) -> str:
+    """`server_certificate_fingerprint`, fetched once per process: Flower starts one ClientApp process per message,
+    in which the gate checks the pin and the egress log records the same certificate (one TLS handshake, not two).
+    A failure is not cached."""
+    return _observed(address, str(ca))
