@@ -1,22 +1,20 @@
-"""Real processes on 127.0.0.1: a TLS SuperLink with node authentication, two department SuperNodes started from
-their site configs, a 2-round SecAgg+ job submitted by the operator; and the refusals (no CA, wrong CA,
-unregistered key, server certificate from another CA, plaintext without --insecure)."""
+"""Real processes on 127.0.0.1: a TLS SuperLink with node authentication and the refusals (no CA, wrong CA,
+unregistered key, server certificate from another CA, plaintext without --insecure).
+
+Complete SecAgg+ jobs over TLS with SuperNodes started from site configs run in `test_failures.py` (three
+departments, egress records with the server's certificate) and `test_trust.py`."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
 
-from client.egress import egress_log_path, read_egress_log
-from client.ledger import LedgerFile
-from common.certs import SERVER_CERT, load_certificate, provision
-from tests.deployment.harness import FEDSILO, JOB, SITES, Processes, free_port, wait_for_port, write_site
+from common.certs import provision
+from tests.deployment.harness import FEDSILO, SITES, Processes, free_port, wait_for_port, write_site
 
 pytestmark = pytest.mark.slow
 
@@ -36,38 +34,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                                   str(certs / f"{name}.pub"), "--name", name], capture_output=True, text=True,
                                  timeout=120, check=False)
             assert reg.returncode == 0, reg.stderr
-        for name in SITES:
-            procs.start([*FEDSILO, "client", "start", "--site-config", str(write_site(root, name, port, certs)),
-                         "--port", str(free_port())], root / f"{name}.log")
         yield {"root": root, "certs": certs, "port": port, "procs": procs}
     finally:
         procs.stop_all()
-
-
-def test_two_departments_complete_a_secagg_job_over_tls(deployment: dict) -> None:
-    root, state = deployment["root"], deployment["root"] / "state"
-    out = root / "out"
-    job = subprocess.run([*FEDSILO, "server", "run", "--state-dir", str(state), "--out", str(out), "--labels",
-                          "negative,positive", *JOB], capture_output=True, text=True, timeout=900, check=False)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    server_fingerprint = load_certificate(deployment["certs"] / SERVER_CERT).fingerprint(hashes.SHA256()).hex()
-    assert report["final"]["secure_aggregation"] is True and report["final"]["rounds_completed"] == 2
-    for r in report["rounds"]:
-        assert r["aggregate"] == "applied"
-        assert {n: d["status"] for n, d in r["departments"].items()} == {n: "trained" for n in SITES}
-    for name in SITES:
-        ledger = LedgerFile(root / "sites" / name / "ledger.json", name, 8.0, 1e-5, "rdp").read()
-        assert [e.round for e in ledger.entries] == [1, 2]
-        assert 0 < ledger.epsilon <= 8.0
-        assert report["final"]["epsilon"][name] == pytest.approx(ledger.epsilon)
-        # The site's egress log names the server and the certificate it presented, for every message sent.
-        egress = read_egress_log(egress_log_path(root / "sites" / name / "ledger.json"))
-        assert len(egress) == 2 * 5  # per round: four SecAgg+ stages and one evaluation
-        assert {r["server_cert_sha256"] for r in egress} == {server_fingerprint}
-    nodes = subprocess.run([*FEDSILO, "server", "nodes", "--state-dir", str(state)], capture_output=True, text=True,
-                           timeout=120, check=False)
-    assert nodes.stdout.count("online") == 2
 
 
 @dataclass
