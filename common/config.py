@@ -100,7 +100,7 @@ class JobConfig:
     round_retries: int = 1  # times a round whose secure aggregation halted is retried before it counts as failed
     stage_timeout: float = 1800.0  # seconds the server waits for replies to one message exchange (a SecAgg+ stage,
     # training, evaluation); a department still silent then counts as dropped for the round. Flower waits for the
-    # message's TTL (12 h) otherwise, e.g. when a SuperNode died and restarted holding the round's message.
+    # message's TTL (12 h) otherwise when a department's node stays up but its ClientApp hangs or never replies.
 
     @classmethod
     def from_run_config(cls, rc: RunConfig) -> JobConfig:

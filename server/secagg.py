@@ -86,8 +86,8 @@ class StageTimeoutGrid(GridBase):
     """`grid`, except that an exchange without a timeout waits at most `timeout` seconds for its replies.
 
     Flower's legacy fit and evaluate workflows (and SecAgg+ without its own timeout) wait for every reply until the
-    message's TTL (12 h): a department whose SuperNode died after taking the round's message and came back within
-    the heartbeat window (so the SuperLink never declared it offline) would hold the whole job. With this, its
+    message's TTL (12 h). The SuperLink answers for a node that stops heartbeating (NODE_UNAVAILABLE), but not for
+    a live node whose ClientApp hangs or never replies: that department would hold the whole job. With this, its
     missing reply makes it a dropout of that stage (SecAgg+ reconstructs its masks from the others' shares).
     """
 
