@@ -136,7 +136,10 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments (default: Hutto corpora)")
     u.add_argument("--per-department", type=int, help="train/test on at most this many rows per department "
                                                        "(seeded sample; a smaller compute budget)")
-    u.add_argument("--resume", action="store_true", help="run only the arms --out's study.json lacks (same settings)")
+    u.add_argument("--repeats", type=int, default=1, help="runs per arm, seeds seed, seed+1, ...; the tables give "
+                                                          "medians and ranges (default 1)")
+    u.add_argument("--resume", action="store_true", help="run only the runs --out's study.json lacks (same "
+                                                         "settings; more --repeats or other --epsilons may be asked)")
     u.add_argument("--render", action="store_true", help="run nothing: rewrite study.md, utility.png (and --docs) "
                                                          "from --out's study.json, finished or not")
     u.add_argument("--docs", type=Path, help="also rewrite the study's section of this markdown file "
@@ -159,7 +162,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise FedsiloError(f"--epsilons must be comma-separated numbers, got {args.epsilons!r}.") from exc
     print(run_study_command(rc, args.out, epsilons, args.docs, args.per_department,
-                            args.resume, args.render), end="")
+                            args.resume, args.render, args.repeats), end="")
     return 0
 
 

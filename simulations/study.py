@@ -5,6 +5,10 @@ Arms, all on the same departments, model, tokenisation, batch size and learning 
 - federated: non-private FedAvg over the departments (SecAgg+ as configured);
 - federated DP at each epsilon: every site's budget is that epsilon (delta as configured).
 
+Each arm runs `repeats` times, with seeds seed, seed+1, ... (the seed sets the train/test split, the model's
+initialisation and the batch order; DP noise and sampling come from the OS's entropy pool whatever the seed); the
+tables give the median over an arm's runs and their range, so one lucky or unlucky DP run does not decide a goal.
+
 The compute budget is the number of gradient steps of the configured (expected) batch size: a federated arm takes
 `rounds x steps_per_round(local-epochs, q_d)` steps at each department d; the centralized arm takes their sum on the
 pooled data. Accuracy is measured on the same global held-out test (the union of the departments' test splits) and
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,14 +56,60 @@ FIXED_BY_STUDY = ("dp", "sim-epsilon", "sim-site-epsilons", "out-dir")
 
 
 @dataclass
-class Arm:
-    name: str
-    epsilon: float | None  # per-site budget; None = non-private
+class ArmRun:
+    seed: int
     global_accuracy: float
     departments: dict[str, float]  # department -> accuracy on its own test split
     seconds: float
-    steps: int  # gradient steps of the configured batch size, all departments together
     epsilon_spent: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Arm:
+    name: str
+    epsilon: float | None  # per-site budget; None = non-private
+    steps: int  # gradient steps of the configured batch size, all departments together (per run)
+    runs: list[ArmRun] = field(default_factory=list)
+
+    @property
+    def global_accuracy(self) -> float:
+        """Median over the arm's runs."""
+        return float(statistics.median(r.global_accuracy for r in self.runs))
+
+    @property
+    def departments(self) -> dict[str, float]:
+        names = sorted({d for r in self.runs for d in r.departments})
+        return {d: float(statistics.median(r.departments[d] for r in self.runs if d in r.departments))
+                for d in names}
+
+    @property
+    def seconds(self) -> float:
+        return float(statistics.median(r.seconds for r in self.runs))
+
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    def to_dict(self) -> dict[str, Any]:
+        spent = {d: max(r.epsilon_spent[d] for r in self.runs if d in r.epsilon_spent)
+                 for d in sorted({d for r in self.runs for d in r.epsilon_spent})}
+        return {"name": self.name, "epsilon": self.epsilon, "steps": self.steps,
+                "global_accuracy": self.global_accuracy, "global_accuracy_range": self.accuracy_range(),
+                "departments": self.departments, "seconds": self.seconds, "epsilon_spent": spent,
+                "runs": [asdict(r) for r in self.runs]}
+
+    def accuracy_range(self) -> list[float]:
+        values = [r.global_accuracy for r in self.runs]
+        return [min(values), max(values)]
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], base_seed: int) -> Arm:
+        """An arm as study.json holds it; a study written before repeats existed holds one run of `base_seed`."""
+        runs = saved.get("runs")
+        if runs is None:
+            runs = [{"seed": base_seed, "global_accuracy": saved["global_accuracy"],
+                     "departments": saved["departments"], "seconds": saved["seconds"],
+                     "epsilon_spent": saved.get("epsilon_spent", {})}]
+        return cls(saved["name"], saved["epsilon"], saved["steps"], [ArmRun(**r) for r in runs])
 
 
 @dataclass
@@ -70,7 +121,7 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "budget": self.budget, "machine": self.machine,
-                "arms": [asdict(a) for a in self.arms], "goals": self.goals()}
+                "arms": [a.to_dict() for a in self.arms], "goals": self.goals()}
 
     def arm(self, name: str) -> Arm | None:
         return next((a for a in self.arms if a.name == name), None)
@@ -81,12 +132,17 @@ class Study:
         out: dict[str, Any] = {}
         if fed and dp:
             gap = 100 * (fed.global_accuracy - dp.global_accuracy)
-            out["dp_eps8_gap_points"] = {"value": round(gap, 2), "goal": GOAL_DP_POINTS, "met": gap <= GOAL_DP_POINTS}
+            out["dp_eps8_gap_points"] = {"value": round(gap, 2), "goal": GOAL_DP_POINTS, "met": gap <= GOAL_DP_POINTS,
+                                         "runs": _medians_of(fed, dp)}
         if central and fed:
             gap = 100 * (central.global_accuracy - fed.global_accuracy)
             out["federated_gap_points"] = {"value": round(gap, 2), "goal": GOAL_FED_POINTS,
-                                           "met": gap <= GOAL_FED_POINTS}
+                                           "met": gap <= GOAL_FED_POINTS, "runs": _medians_of(central, fed)}
         return out
+
+
+def _medians_of(*arms: Arm) -> str:
+    return "medians of " + " and ".join(f"{len(a.runs)} run{'s' if len(a.runs) > 1 else ''}" for a in arms)
 
 
 def arm_name(epsilon: float) -> str:
@@ -107,7 +163,7 @@ def subsample(rc: dict[str, Any], per_department: int, out_dir: Path) -> dict[st
             "sim-department-column": DEPARTMENT}
 
 
-def _budget(rc: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], list[Any]]:
+def _budget(rc: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     job, sim = resolve_job({**rc, "dp": False})
     sites = simulated_sites(job, sim, out_dir)
     per_round = {}
@@ -116,14 +172,14 @@ def _budget(rc: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], list[Any
         per_round[site.name] = steps_per_round(job.local_epochs, sample_rate(job.batch_size, n))
     total = job.num_server_rounds * sum(per_round.values())
     return {"rounds": job.num_server_rounds, "local_epochs": job.local_epochs, "batch_size": job.batch_size,
-            "steps_per_round": per_round, "total_steps": total}, sites
+            "steps_per_round": per_round, "total_steps": total}
 
 
-def run_centralized(rc: dict[str, Any], sites: list[Any], steps: int) -> Arm:
+def run_centralized(rc: dict[str, Any], out_dir: Path, steps: int) -> ArmRun:
     """Non-private training on the pooled departments, `steps` steps of the job's batch size."""
-    job, _ = resolve_job({**rc, "dp": False})
+    job, sim = resolve_job({**rc, "dp": False})
     labels = job.label_names
-    splits = {s.name: s.load_split(labels) for s in sites}
+    splits = {s.name: s.load_split(labels) for s in simulated_sites(job, sim, out_dir)}
     built = build_model(job, len(labels))
     train = encode(built.tokenizer, [t for s in splits.values() for t in s.train_texts],
                    np.concatenate([s.train_labels for s in splits.values()]), job.max_length)
@@ -137,36 +193,39 @@ def run_centralized(rc: dict[str, Any], sites: list[Any], steps: int) -> Arm:
         per_dept[name] = result.accuracy
         correct += result.correct
         total += result.n
-    return Arm(CENTRALIZED, None, correct / total, per_dept, time.perf_counter() - start, steps)
+    return ArmRun(job.seed, correct / total, per_dept, time.perf_counter() - start)
 
 
-def run_federated(rc: dict[str, Any], out_dir: Path, epsilon: float | None, steps: int) -> Arm:
+def run_federated(rc: dict[str, Any], run_dir: Path, epsilon: float | None) -> ArmRun:
     arm_rc = {**rc, "dp": epsilon is not None}
     if epsilon is not None:
         arm_rc["sim-epsilon"] = epsilon
-    name = FEDERATED if epsilon is None else arm_name(epsilon)
     start = time.perf_counter()
-    report = simulate(arm_rc, out_dir / name)
+    report = simulate(arm_rc, run_dir)
     last = report["rounds"][-1]
     per_dept = {n: d["accuracy"] for n, d in last["departments"].items() if d.get("accuracy") is not None}
     spent = {n: e for n, e in report["final"]["epsilon"].items() if e is not None} if epsilon is not None else {}
-    return Arm(name, epsilon, float(report["final"]["global_accuracy"]), per_dept, time.perf_counter() - start,
-               steps, spent)
+    return ArmRun(int(arm_rc.get("seed", 0)), float(report["final"]["global_accuracy"]), per_dept,
+                  time.perf_counter() - start, spent)
 
 
 def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEFAULT_EPSILONS,
               on_arm: Callable[[Study], None] | None = None, per_department: int | None = None,
-              resume: bool = False) -> Study:
-    """Run every arm (centralized, federated, then federated DP from the largest epsilon down).
+              resume: bool = False, repeats: int = 1) -> Study:
+    """Run every arm (centralized, federated, then federated DP from the largest epsilon down) `repeats` times,
+    seeds seed, seed+1, ...: first every arm once, then the second run of each, and so on.
 
-    study.json, study.md and utility.png are rewritten after every arm, so an interrupted study leaves the arms
-    it finished; `resume` runs only the arms that study.json lacks (same settings required).
+    study.json, study.md and utility.png are rewritten after every run, so an interrupted study leaves the runs it
+    finished; `resume` runs only the runs that study.json lacks (same settings required; more repeats or other
+    epsilons may be asked for, and the arms already there are kept).
     """
     fixed = sorted(set(rc) & set(FIXED_BY_STUDY))
     if fixed:
         raise ConfigError(f"The utility study sets {', '.join(fixed)} itself; do not pass them.")
     if not epsilons or any(e <= 0 for e in epsilons):
         raise ConfigError(f"The study needs positive epsilons, got {list(epsilons)}.")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
     check_known_keys(rc)
     saved: dict[str, Any] | None = None
     if (out_dir / STUDY_JSON).exists():
@@ -177,7 +236,7 @@ def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEF
     source = str(rc.get("sim-data", "hutto"))
     if per_department is not None:
         rc = subsample(rc, per_department, out_dir)
-    budget, sites = _budget(rc, out_dir)
+    budget = _budget(rc, out_dir)
     budget["per_department"] = per_department
     job, sim = resolve_job({**rc, "dp": False})
     config = {"model": job.model, "finetune": job.finetune, "lora_r": job.lora_r, "batch_size": job.batch_size,
@@ -191,22 +250,31 @@ def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEF
                 k: v for k, v in config.items() if k != "epsilons"}:
             raise ConfigError(f"--resume: {out_dir / STUDY_JSON} was made with other settings; use the same ones.")
         study.machine = saved["machine"]
-        study.arms = [Arm(**a) for a in saved["arms"]]
+        study.arms = [Arm.from_dict(a, job.seed) for a in saved["arms"]]
+        study.config["epsilons"] = sorted({*saved["config"]["epsilons"], *epsilons})
     log.info("study: budget %s", budget)
     steps = int(budget["total_steps"])
-    runs: list[tuple[str, Callable[[], Arm]]] = [(CENTRALIZED, lambda: run_centralized(rc, sites, steps)),
-                                                 (FEDERATED, lambda: run_federated(rc, out_dir, None, steps))]
-    runs += [(arm_name(e), lambda e=e: run_federated(rc, out_dir, e, steps)) for e in sorted(epsilons, reverse=True)]
-    for name, run in runs:
-        if study.arm(name) is not None:
-            log.info("study: %s already done (resume)", name)
-            continue
-        arm = run()
-        log.info("study: %s accuracy %.4f in %.0fs", arm.name, arm.global_accuracy, arm.seconds)
-        study.arms.append(arm)
-        write_study(study, out_dir)
-        if on_arm is not None:
-            on_arm(study)
+    arms: list[tuple[str, float | None]] = [(CENTRALIZED, None), (FEDERATED, None)]
+    arms += [(arm_name(e), e) for e in sorted(epsilons, reverse=True)]
+    for i in range(repeats):
+        seed = job.seed + i
+        seeded = {**rc, "seed": seed}
+        for name, epsilon in arms:
+            arm = study.arm(name)
+            if arm is not None and seed in arm.seeds():
+                log.info("study: %s seed %d already done (resume)", name, seed)
+                continue
+            run_dir = out_dir / (name if i == 0 else f"{name}-seed{seed}")
+            run = (run_centralized(seeded, out_dir, steps) if name == CENTRALIZED
+                   else run_federated(seeded, run_dir, epsilon))
+            log.info("study: %s seed %d accuracy %.4f in %.0fs", name, seed, run.global_accuracy, run.seconds)
+            if arm is None:
+                arm = Arm(name, epsilon, steps)
+                study.arms.append(arm)
+            arm.runs.append(run)
+            write_study(study, out_dir)
+            if on_arm is not None:
+                on_arm(study)
     study.machine["load_average_end"] = describe()["load_average"]
     write_study(study, out_dir)
     return study
@@ -238,23 +306,30 @@ def study_markdown(study: Study, plot: str | None = UTILITY_PNG) -> str:
         f"delta {study.config['delta']:g}, SecAgg+ {'on' if study.config['secagg'] else 'off'}. Accuracy on the "
         "union of the departments' held-out splits, and on each department's own split.",
         "",
-        "| arm | epsilon per site | global accuracy | " + " | ".join(depts) + " | minutes |",
-        "|---|---|---|" + "---|" * len(depts) + "---|",
+        "Every figure is the median over an arm's runs (seeds in the runs column; DP noise is drawn from the OS's "
+        "entropy pool, so DP runs differ even with one seed); range = lowest and highest global accuracy of the runs.",
+        "",
+        "| arm | epsilon per site | runs (seeds) | global accuracy | range | " + " | ".join(depts) +
+        " | minutes per run |",
+        "|---|---|---|---|---|" + "---|" * len(depts) + "---|",
     ]
     for a in study.arms:
         eps = "none (non-private)" if a.epsilon is None else f"{a.epsilon:g}"
         cells = " | ".join(f"{a.departments[d]:.4f}" if d in a.departments else "" for d in depts)
-        lines.append(f"| {a.name} | {eps} | {a.global_accuracy:.4f} | {cells} | {a.seconds / 60:.1f} |")
+        low, high = a.accuracy_range()
+        seeds = ", ".join(str(x) for x in a.seeds())
+        lines.append(f"| {a.name} | {eps} | {len(a.runs)} ({seeds}) | {a.global_accuracy:.4f} | "
+                     f"{low:.4f}-{high:.4f} | {cells} | {a.seconds / 60:.1f} |")
     goals = study.goals()
     if goals:
         lines.append("")
     if "dp_eps8_gap_points" in goals:
         g = goals["dp_eps8_gap_points"]
-        lines.append(f"- Federated DP at epsilon=8 is {g['value']:.2f} points below federated non-private "
-                     f"(goal <= {g['goal']:g}: {'met' if g['met'] else 'missed'}).")
+        lines.append(f"- Federated DP at epsilon=8 ({g['runs']}) is {g['value']:.2f} points below federated "
+                     f"non-private (goal <= {g['goal']:g}: {'met' if g['met'] else 'missed'}).")
     if "federated_gap_points" in goals:
         g = goals["federated_gap_points"]
-        lines.append(f"- Federated non-private is {g['value']:.2f} points below centralized "
+        lines.append(f"- Federated non-private ({g['runs']}) is {g['value']:.2f} points below centralized "
                      f"(goal <= {g['goal']:g}: {'met' if g['met'] else 'missed'}).")
     if plot:
         lines += ["", f"![accuracy vs epsilon]({plot})"]
@@ -271,7 +346,10 @@ def plot_study(study: Study, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if dp:
         xs = [a.epsilon for a in dp]
-        ax.plot(xs, [a.global_accuracy for a in dp], "k-o", lw=2.5, label="federated DP (global)")
+        ys = [a.global_accuracy for a in dp]
+        spread = [[a.global_accuracy - a.accuracy_range()[0] for a in dp],
+                  [a.accuracy_range()[1] - a.global_accuracy for a in dp]]
+        ax.errorbar(xs, ys, yerr=spread, fmt="k-o", lw=2.5, capsize=4, label="federated DP (global, median; range)")
         for dept in sorted({d for a in dp for d in a.departments}):
             ax.plot(xs, [a.departments.get(dept) for a in dp], "--o", lw=1, alpha=0.7, label=f"  {dept}")
         ax.set_xscale("log")
@@ -298,20 +376,22 @@ def load_study(out_dir: Path) -> Study:
     try:
         saved = json.loads(path.read_text())
         return Study(config=saved["config"], budget=saved["budget"], machine=saved["machine"],
-                     arms=[Arm(**a) for a in saved["arms"]])
+                     arms=[Arm.from_dict(a, int(saved["config"]["overrides"].get("seed", 0)))
+                           for a in saved["arms"]])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is not a study written by fedsilo: {exc}") from exc
 
 
 def run_study_command(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float], docs: Path | None,
-                      per_department: int | None = None, resume: bool = False, render: bool = False) -> str:
+                      per_department: int | None = None, resume: bool = False, render: bool = False,
+                      repeats: int = 1) -> str:
     """`fedsilo study utility`: run (or, with `render`, only re-render what out_dir holds), optionally rewrite the
     docs section; returns the markdown table."""
     if render:
         study = load_study(out_dir)
         write_study(study, out_dir)
     else:
-        study = run_study(rc, out_dir, epsilons, per_department=per_department, resume=resume)
+        study = run_study(rc, out_dir, epsilons, per_department=per_department, resume=resume, repeats=repeats)
     if docs is not None:
         from simulations.docs import update_section
 
