@@ -66,6 +66,7 @@ class BenchSetup:
     step: StepSetup
     repeats: int
     secagg: tuple[SimSetup, ...]
+    secagg_runs: int  # simulations per variant and department count, in ABBA order (plain, SecAgg+, SecAgg+, plain)
     overhead: SimSetup
     scale: SimSetup
     comm_model: str
@@ -74,7 +75,8 @@ class BenchSetup:
 FULL = BenchSetup(
     step=StepSetup(model="minilm", finetune="lora", batch=64, seq_len=64, steps=5, warmup=1),
     repeats=5,
-    secagg=(SimSetup("minilm", 4, 100, 3, 16, 0.4, 64), SimSetup("minilm", 10, 100, 3, 16, 0.4, 64)),
+    secagg=(SimSetup("minilm", 4, 100, 4, 16, 0.4, 64), SimSetup("minilm", 10, 100, 4, 16, 0.4, 64)),
+    secagg_runs=2,
     overhead=SimSetup("minilm", 2, 1500, 3, 64, 0.25, 64),
     scale=SimSetup("tiny-random", 100, 40, 3, 8, 0.5, 32),
     comm_model="minilm",
@@ -83,6 +85,7 @@ QUICK = BenchSetup(
     step=StepSetup(model="tiny-random", finetune="lora", batch=8, seq_len=16, steps=2, warmup=1),
     repeats=2,
     secagg=(SimSetup("tiny-random", 3, 30, 2, 8, 0.5, 16),),
+    secagg_runs=1,
     overhead=SimSetup("tiny-random", 2, 30, 2, 8, 0.5, 16),
     scale=SimSetup("tiny-random", 4, 30, 2, 8, 0.5, 16),
     comm_model="tiny-random",
@@ -199,9 +202,10 @@ def _overhead(rounds: list[dict[str, Any]]) -> float | None:
 
 def bench_secagg(setup: BenchSetup, work: Path) -> dict[str, Any]:
     runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
-    for sim in setup.secagg:  # one run per setting: its rounds 2.. are the repeats
-        for secagg in (False, True):
-            tag = f"secagg-{sim.departments}-{'on' if secagg else 'off'}"
+    for sim in setup.secagg:  # rounds 2.. of each run are the repeats
+        for secagg in secagg_order(setup.secagg_runs):
+            done = len(runs.get((sim.departments, secagg), []))
+            tag = f"secagg-{sim.departments}-{'on' if secagg else 'off'}" + (f"-{done + 1}" if done else "")
             res = run_sim(sim, secagg, work, tag)
             log.info("bench secagg: %s: fit rounds %s", tag, [x["fit_seconds"] for x in res["rounds"]])
             runs.setdefault((sim.departments, secagg), []).append(res)
@@ -224,7 +228,14 @@ def bench_secagg(setup: BenchSetup, work: Path) -> dict[str, Any]:
         row["ratio_excluding_training"] = _ratio(row["on"]["non_training_seconds"],
                                                  row["off"]["non_training_seconds"])
         out.append(row)
-    return {"rows": out, "repeats": min(s.rounds for s in setup.secagg) - 1}
+    return {"rows": out, "runs_per_variant": setup.secagg_runs,
+            "repeats": setup.secagg_runs * (min(s.rounds for s in setup.secagg) - 1)}
+
+
+def secagg_order(runs: int) -> list[bool]:
+    """Plain (False) and SecAgg+ (True) simulations in ABBA order: load drifting linearly over the part hits both
+    variants alike."""
+    return [secagg for k in range(runs) for secagg in ((False, True) if k % 2 == 0 else (True, False))]
 
 
 def bench_overhead(setup: BenchSetup, work: Path) -> dict[str, Any]:
@@ -407,9 +418,10 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
     if wanted("secagg"):
         lines += ["", "### SecAgg+ cost", "", _when(result["secagg"]), "",
                   "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
-                  "2.. of each run; excluding training = fit time minus the slowest department's training time. The "
-                  "plain and SecAgg+ simulations run one after the other, so load that changes between them is not "
-                  "cancelled: read the ratio with the load figures above.", "",
+                  f"2.. of {result['secagg'].get('runs_per_variant', 1)} simulation(s) per variant run in ABBA "
+                  "order (plain, SecAgg+, SecAgg+, plain, ...: load drifting steadily hits both alike); excluding "
+                  "training = fit time minus the slowest department's training time. Read the ratio with the load "
+                  "figures above.", "",
                   "| departments | model | local steps | plain s | SecAgg+ s | ratio | ratio excl. training |",
                   "|---|---|---|---|---|---|---|"]
         for row in result["secagg"]["rows"]:
