@@ -95,6 +95,34 @@ def test_noise_for_budget_with_history() -> None:
     assert sigma > fresh
 
 
+def test_noise_search_is_precise_in_few_accountant_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's plan on a site that already trained: Opacus' RDP curve (~0.05-0.1 s each) is computed once for
+    the history and a few times for candidates, and the charge's epsilon afterwards costs no new curve."""
+    import common.privacy as privacy
+
+    calls: list[float] = []
+    real = privacy.compute_rdp
+
+    def counting(**kwargs: float) -> object:
+        calls.append(kwargs["noise_multiplier"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(privacy, "compute_rdp", counting)
+    privacy._rdp_curve.cache_clear()
+    q = 64 / 1200
+    history = [(0.594, q, 5)]
+    sigma = noise_for_budget(history=history, epsilon_budget=8.0, delta=DELTA, q=q, steps=10)
+    assert len(calls) <= 10  # bisection alone took 13
+    assert epsilon_spent([*history, (sigma, q, 10)], DELTA) <= 8.0
+    assert epsilon_spent([*history, (sigma * 0.999, q, 10)], DELTA) > 8.0  # within the 0.1% tolerance
+    searched = len(calls)
+    check_charge(history, (sigma, q, 10), 8.0, DELTA)  # what the ledger does when it charges
+    assert len(calls) == searched
+    # the cached curves are read-only: nobody can corrupt a later epsilon through them
+    with pytest.raises(ValueError, match="read-only"):
+        privacy._rdp_curve(q, 0.594, 5)[0] = 0.0
+
+
 def test_noise_for_budget_more_budget_less_noise() -> None:
     kw = {"history": [], "delta": DELTA, "q": 0.01, "steps": 50}
     assert noise_for_budget(epsilon_budget=1.0, **kw) > noise_for_budget(epsilon_budget=8.0, **kw)
