@@ -131,18 +131,27 @@ class Study:
         dp = next((a for a in self.arms if a.epsilon == GOAL_EPSILON), None)
         out: dict[str, Any] = {}
         if fed and dp:
-            gap = 100 * (fed.global_accuracy - dp.global_accuracy)
-            out["dp_eps8_gap_points"] = {"value": round(gap, 2), "goal": GOAL_DP_POINTS, "met": gap <= GOAL_DP_POINTS,
-                                         "runs": _medians_of(fed, dp)}
+            out["dp_eps8_gap_points"] = _gap(fed, dp, GOAL_DP_POINTS)
         if central and fed:
-            gap = 100 * (central.global_accuracy - fed.global_accuracy)
-            out["federated_gap_points"] = {"value": round(gap, 2), "goal": GOAL_FED_POINTS,
-                                           "met": gap <= GOAL_FED_POINTS, "runs": _medians_of(central, fed)}
+            out["federated_gap_points"] = _gap(central, fed, GOAL_FED_POINTS)
         return out
 
 
-def _medians_of(*arms: Arm) -> str:
-    return "medians of " + " and ".join(f"{len(a.runs)} run{'s' if len(a.runs) > 1 else ''}" for a in arms)
+def _gap(reference: Arm, arm: Arm, goal: float) -> dict[str, Any]:
+    """How many accuracy points `arm` is below `reference`: medians, and seed by seed where both ran a seed."""
+    gap = 100 * (reference.global_accuracy - arm.global_accuracy)
+    theirs = {r.seed: r.global_accuracy for r in arm.runs}
+    per_seed = {str(r.seed): round(100 * (r.global_accuracy - theirs[r.seed]), 2) for r in reference.runs
+                if r.seed in theirs}
+    runs = "medians of " + " and ".join(f"{len(a.runs)} run{'s' if len(a.runs) > 1 else ''}" for a in (reference, arm))
+    return {"value": round(gap, 2), "goal": goal, "met": gap <= goal, "runs": runs, "per_seed": per_seed}
+
+
+def _gap_line(what: str, reference: str, g: dict[str, Any]) -> str:
+    side = f"{g['value']:.2f} points below" if g["value"] >= 0 else f"{-g['value']:.2f} points above"
+    seeds = ", ".join(f"seed {k}: {v:.2f}" for k, v in g.get("per_seed", {}).items())
+    return (f"- {what} ({g['runs']}) is {side} {reference} (goal: at most {g['goal']:g} below: "
+            f"{'met' if g['met'] else 'missed'})" + (f"; gap seed by seed: {seeds}." if seeds else "."))
 
 
 def arm_name(epsilon: float) -> str:
@@ -324,13 +333,9 @@ def study_markdown(study: Study, plot: str | None = UTILITY_PNG) -> str:
     if goals:
         lines.append("")
     if "dp_eps8_gap_points" in goals:
-        g = goals["dp_eps8_gap_points"]
-        lines.append(f"- Federated DP at epsilon=8 ({g['runs']}) is {g['value']:.2f} points below federated "
-                     f"non-private (goal <= {g['goal']:g}: {'met' if g['met'] else 'missed'}).")
+        lines.append(_gap_line("Federated DP at epsilon=8", "federated non-private", goals["dp_eps8_gap_points"]))
     if "federated_gap_points" in goals:
-        g = goals["federated_gap_points"]
-        lines.append(f"- Federated non-private ({g['runs']}) is {g['value']:.2f} points below centralized "
-                     f"(goal <= {g['goal']:g}: {'met' if g['met'] else 'missed'}).")
+        lines.append(_gap_line("Federated non-private", "centralized", goals["federated_gap_points"]))
     if plot:
         lines += ["", f"![accuracy vs epsilon]({plot})"]
     return "\n".join(lines) + "\n"

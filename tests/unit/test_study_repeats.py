@@ -73,7 +73,10 @@ def test_repeats_give_medians_and_ranges(tmp_path: Path, recorded: Recorded) -> 
     assert saved["goals"]["federated_gap_points"]["value"] == pytest.approx(-1.0)
     table = (tmp_path / "s" / STUDY_MD).read_text()
     assert "| federated-dp-eps8 | 8 | 3 (0, 1, 2) | 0.8100 | 0.6000-0.8400 |" in table
-    assert "(medians of 3 runs and 3 runs) is 5.00 points below" in table
+    assert ("(medians of 3 runs and 3 runs) is 5.00 points below federated non-private (goal: at most 3 below: "
+            "missed); gap seed by seed: seed 0: 10.00, seed 1: 4.00, seed 2: 5.00.") in table
+    assert saved["goals"]["dp_eps8_gap_points"]["per_seed"] == pytest.approx({"0": 10.0, "1": 4.0, "2": 5.0})
+    assert "is 1.00 points above centralized (goal: at most 2 below: met)" in table
     assert [a.global_accuracy for a in load_study(tmp_path / "s").arms] == pytest.approx([0.85, 0.86, 0.81])
     assert study.arm("federated") is not None
 
