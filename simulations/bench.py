@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -328,8 +329,9 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
             raise ConfigError("SecAgg+ needs at least 2 departments per simulation.")
         setup = replace(setup, secagg=chosen)
     parts = [p for p in PARTS if not only or p in only]
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    # simulations of this invocation only: remeasuring a part later must not meet the runs it left last time
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-", time.gmtime()), dir=out / "work"))
     default_mode = JobConfig().grad_sample_mode
     result: dict[str, Any] = previous or {"quick": quick, "repeats": setup.repeats, "machine": describe(),
                                           "goals": GOALS}
