@@ -438,7 +438,8 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
                          f"{_f(row['ratio_excluding_training'])} |")
     if wanted("overhead"):
         o = result["overhead"]
-        s = o["rows"][0]["setup"]
+        rows = o.get("rows", [o])  # a bench.json written before the overhead part measured several sizes
+        s = rows[0]["setup"]
         lines += ["", "### Framework overhead", "", _when(o), "",
                   f"{s['departments']} departments (one per core), {s['model']}, LoRA, DP, SecAgg+, batch "
                   f"{s['batch']}, {s['local_epochs']:g} local epoch per round; median over rounds 2..{s['rounds']}. "
@@ -446,7 +447,7 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
                   "loading, noise planning, ledger and egress records, SecAgg+ stages and Flower's messaging.", "",
                   "| training rows per department | local steps (expected) | fit round s | slowest training s | "
                   "overhead |", "|---|---|---|---|---|"]
-        for row in o["rows"]:
+        for row in rows:
             s = row["setup"]
             train_rows = int(s["rows"] * 0.8)
             steps = steps_per_round(s["local_epochs"], sample_rate(s["batch"], train_rows))

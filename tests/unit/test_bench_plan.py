@@ -12,3 +12,21 @@ def test_secagg_variants_run_in_abba_order() -> None:
     for setup in (FULL, QUICK):  # every variant equally often
         order = secagg_order(setup.secagg_runs)
         assert order.count(True) == order.count(False) == setup.secagg_runs
+
+
+def test_overhead_section_renders_old_and_new_bench_json() -> None:
+    """A bench.json written before the overhead part measured several department sizes still renders (a later
+    `--only PART` rewrites the docs from it), beside the new form."""
+    from simulations.bench import bench_markdown
+    from simulations.machine import describe
+
+    setup = {"model": "minilm", "departments": 2, "rows": 1500, "rounds": 3, "batch": 64, "local_epochs": 0.25,
+             "max_length": 64}
+    when = {"bench_seconds": 80.0, "load_average": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "repeats": 2,
+            "measured_utc": "2026-11-23T04:50:10Z"}
+    row = {"setup": setup, "overhead_fraction": 0.151, "fit_seconds": 17.6, "train_seconds_max": 15.0}
+    for overhead in ({**row, **when}, {"rows": [row, {**row, "setup": {**setup, "rows": 3700},
+                                                      "overhead_fraction": 0.05}], **when}):
+        text = bench_markdown({"machine": describe(), "quick": False, "overhead": overhead}, only_part="overhead")
+        assert "| 1200 | 5 | 17.60 | 15.00 | 15.1% (goal <= 10%: missed) |" in text
+    assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 10%: met) |" in text
