@@ -93,12 +93,15 @@ def noise_for_budget(*, history: Sequence[Charge], epsilon_budget: float, delta:
     low = 0.0 if high == 1.0 else high / 2
     e_low = math.inf if low == 0.0 else eps(low)
     # Invariant: eps(low) > budget >= eps(high). Illinois false position on log epsilon against log sigma (nearly
-    # linear there), bisection while the low end's epsilon is infinite; both ends close in on the root.
+    # linear there), bisection while the low end's epsilon is infinite and every fourth step (so the bracket at
+    # least halves every four evaluations, whatever the curve's shape); both ends close in on the root.
     stale = 0  # +1: the low end moved last time, -1: the high end did; the end left behind is down-weighted
     f_low, f_high = _log_gap(e_low, epsilon_budget), _log_gap(e_high, epsilon_budget)
+    step = 0
     while high - low > NOISE_SEARCH_TOLERANCE * high:
+        step += 1
         x = (low + high) / 2
-        if low > 0 and math.isfinite(f_low) and f_low != f_high:
+        if step % 4 and low > 0 and math.isfinite(f_low) and f_low != f_high:
             u_low, u_high = math.log(low), math.log(high)
             guess = math.exp(u_high - f_high * (u_high - u_low) / (f_high - f_low))
             if low < guess < high:
