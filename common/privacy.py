@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
@@ -46,12 +46,6 @@ def _rdp_curve(q: float, sigma: float, steps: int) -> np.ndarray:
     return curve
 
 
-def _extended_epsilon(history: Sequence[Charge], delta: float, accountant: str, q: float,
-                      steps: int) -> Callable[[float], float]:
-    """sigma -> epsilon of `history` plus `steps` steps at (sigma, q)."""
-    return lambda sigma: epsilon_spent([*history, (sigma, q, steps)], delta, accountant)
-
-
 def sample_rate(batch_size: int, n_examples: int) -> float:
     """Poisson sampling rate for an expected batch of about `batch_size`.
 
@@ -77,7 +71,8 @@ def noise_for_budget(*, history: Sequence[Charge], epsilon_budget: float, delta:
     if epsilon_budget <= 0 or not 0 < delta < 1:
         raise ConfigError(f"Invalid privacy budget: epsilon={epsilon_budget}, delta={delta}.")
 
-    eps = _extended_epsilon(history, delta, accountant, q, steps)
+    def eps(sigma: float) -> float:  # the history's RDP curves are cached: only the candidate's is computed
+        return epsilon_spent([*history, (sigma, q, steps)], delta, accountant)
 
     high = 1.0
     e_high = eps(high)
