@@ -23,7 +23,7 @@ import torch
 from common.config import JobConfig, RunConfig
 from common.errors import ConfigError, ParameterMismatchError
 from common.model import trainable_names
-from server.report import write_atomic
+from common.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +22,6 @@ REPORT_JSON = "report.json"
 ROUNDS_CSV = "rounds.csv"
 ACCURACY_PNG = "accuracy.png"
 EPSILON_PNG = "epsilon.png"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file and rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power loss
-    finally:
-        os.close(dir_fd)
 
 
 def _finite(value: float | None) -> float | None:

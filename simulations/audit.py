@@ -33,7 +33,8 @@ from common.model import build_model, device
 from common.params import set_trainable
 from common.text import encode, model_inputs
 from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from server.report import REPORT_JSON, write_atomic
+from common.files import write_atomic
+from server.report import REPORT_JSON
 
 log = logging.getLogger(__name__)
 

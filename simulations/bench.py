@@ -34,7 +34,7 @@ from common.errors import ConfigError, FedsiloError
 from common.model import build_model
 from common.params import get_trainable
 from common.privacy import sample_rate, steps_per_round
-from server.report import write_atomic
+from common.files import write_atomic
 from simulations.machine import PeakSampler, describe, machine_line, tree_memory
 from simulations.run import simulate
 from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method

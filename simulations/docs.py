@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import FedsiloError
-from server.report import write_atomic
+from common.files import write_atomic
 
 HEADER = """# fedsilo benchmarks
 

@@ -37,7 +37,7 @@ from common.errors import ConfigError
 from common.model import build_model, device
 from common.privacy import sample_rate, steps_per_round
 from common.text import encode, evaluate
-from server.report import write_atomic
+from common.files import write_atomic
 from simulations.machine import describe, machine_line
 from simulations.run import simulate
 
