@@ -28,5 +28,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# ruff, and the import contract of pyproject.toml ([tool.importlinter]: which package may import which).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports

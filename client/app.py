@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,9 +20,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.egress import EgressAudit
 from common import keys
-from common.config import JobConfig
 from common.errors import SecureAggregationError
-from common.paths import cache_dir
+from common.paths import run_out_dir
 
 if TYPE_CHECKING:
     from client.runner import Department
@@ -32,11 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scalars = dict[str, bool | int | float | str | bytes]
-
-
-def run_out_dir(job: JobConfig, run_id: int) -> Path:
-    """Where a simulation keeps its sites' ledgers when the job names no out-dir."""
-    return Path(job.out_dir) if job.out_dir else cache_dir() / "runs" / f"run-{run_id}"
 
 
 class DepartmentClient(NumPyClient):
@@ -61,7 +54,7 @@ def _site(context: Context, overrides: Mapping[str, bool | int | float | str]) -
     from common.data import resolve_job
 
     job, sim = resolve_job({**context.run_config, **overrides})
-    return resolve_site(dict(context.node_config), job, sim, run_out_dir(job, context.run_id))
+    return resolve_site(dict(context.node_config), job, sim, run_out_dir(job.out_dir, context.run_id))
 
 
 def _department(context: Context, overrides: Mapping[str, bool | int | float | str]) -> Department:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import run_out_dir
-from client.site import simulated_sites
 from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
-from common.model import base_fingerprint, build_model, device
-from common.params import get_trainable, set_trainable
-from common.text import encode, evaluate
+from common.model import base_fingerprint, build_model
+from common.params import get_trainable
+from common.paths import run_out_dir
 from server.checkpoint import save_checkpoint
 from server.memory import PeakMemoryMonitor
 from server.report import RunRecorder
@@ -28,25 +27,24 @@ from server.strategy import CentralEval, FedSiloStrategy, RoundHook
 log = logging.getLogger(__name__)
 
 
-def central_evaluator(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> CentralEval:
-    """Accuracy on the union of the simulated departments' test splits (the global held-out test)."""
-    labels = job.label_names
-    built = build_model(job, len(labels))
-    splits = [site.load_split(labels) for site in simulated_sites(job, sim, out_dir)]
-    texts = [t for s in splits for t in s.test_texts]
-    data = encode(built.tokenizer, texts, np.concatenate([s.test_labels for s in splits]), job.max_length)
+@dataclass(frozen=True)
+class SimulatedSites:
+    """What a simulation tells the ServerApp about the departments it simulates. In deployment the server knows none
+    of this: each site keeps its own budget, delta and accountant, and there is no pooled test set."""
 
-    def evaluate_global(arrays: list[np.ndarray]) -> float:
-        set_trainable(built.model, arrays)
-        result = evaluate(built.model, data, device())
-        log.info("central evaluation: accuracy %.4f on %d held-out examples", result.accuracy, result.n)
-        return result.accuracy
-
-    return evaluate_global
+    shared_budget: float | None  # the epsilon budget every department has, when they all have the same one
+    delta: float
+    accountants: frozenset[str]
+    central_eval: CentralEval | None  # accuracy on the union of the departments' test splits
 
 
-def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = None, *, simulation: bool = False,
-                     on_round: RoundHook | None = None) -> ServerApp:
+SitesView = Callable[[JobConfig, SimulationConfig, Path], SimulatedSites]
+
+
+def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = None, *,
+                     simulated_sites: SitesView | None = None, on_round: RoundHook | None = None) -> ServerApp:
+    """The ServerApp; `overrides` are merged over the run config. A simulation passes `simulated_sites`, which
+    describes its departments (budgets, delta, accountants, a central evaluator) for the report."""
     fixed = dict(overrides or {})
     app = ServerApp()
 
@@ -54,17 +52,18 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
     def main(grid: Grid, context: Context) -> None:
         rc = {**context.run_config, **fixed}
         job, sim = resolve_job(rc)
-        out_dir = run_out_dir(job, context.run_id)
+        out_dir = run_out_dir(job.out_dir, context.run_id)
+        sites = simulated_sites(job, sim, out_dir) if simulated_sites is not None else None
         built = build_model(job, len(job.label_names))
         run_config = as_run_config(job, sim)
-        shared_budget = sim.sim_epsilon if simulation and not sim.site_epsilon_overrides() else None
+        shared_budget = sites.shared_budget if sites is not None else None
         if job.resume:
             start = resume_state(out_dir, built.model, run_config, shared_budget)
             initial, recorder, completed = start.initial, start.recorder, start.completed
         else:
             initial, completed = get_trainable(built.model), 0
             recorder = RunRecorder(config=run_config, out_dir=out_dir, budget=shared_budget)
-        central = central_evaluator(job, sim, out_dir) if simulation and sim.sim_global_eval else None
+        central = sites.central_eval if sites is not None else None
         memory = PeakMemoryMonitor()
 
         def checkpoint(arrays: list[np.ndarray], server_round: int) -> None:
@@ -92,13 +91,13 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
             "global_accuracy": recorder.final.get("central_global_accuracy",
                                                   last.global_accuracy if last else None),
             "federated_global_accuracy": last.global_accuracy if last else None,
-            "epsilon": eps, "delta": sim.sim_delta if simulation else None, "dp": job.dp,
+            "epsilon": eps, "delta": sites.delta if sites is not None else None, "dp": job.dp,
             "secure_aggregation": job.secagg, "rounds_completed": len(recorder.rounds),
         })
         if job.dp:
-            accountants = ({s.accountant for s in simulated_sites(job, sim, out_dir)} if simulation
+            accountants = (sites.accountants if sites is not None
                            else {"each site's ledger accountant (default rdp)"})
-            recorder.final["privacy"] = privacy_statement(eps, sim.sim_delta if simulation else None,
+            recorder.final["privacy"] = privacy_statement(eps, sites.delta if sites is not None else None,
                                                           ", ".join(sorted(accountants)))
         recorder.write()
         recorder.plot()

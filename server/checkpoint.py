@@ -22,8 +22,8 @@ import torch
 
 from common.config import JobConfig, RunConfig
 from common.errors import ConfigError, ParameterMismatchError
-from common.model import trainable_names
 from common.files import write_atomic
+from common.model import trainable_names
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from common.accountant_check import check_ledger
 from common.config import JobConfig
 from common.data import resolve_job
 from common.errors import ConfigError, ModelError, ParameterMismatchError
+from common.files import write_atomic
 from common.model import build_model, device
 from common.params import set_trainable
 from common.text import encode, model_inputs
 from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from common.files import write_atomic
 from server.report import REPORT_JSON
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Run many departments on one machine with Flower's simulation engine (Ray), in this process.
 
 The ServerApp and ClientApp are the same code as in deployment; only where site configs come from differs
-(`client.site.simulated_sites`). Ray is started and shut down by Flower's simulation runtime.
+(`client.site.simulated_sites`), and the simulation tells the ServerApp about its departments (`sites_view`).
+Ray is started and shut down by Flower's simulation runtime.
 """
 
 from __future__ import annotations
@@ -13,24 +14,57 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
-from client.site import preflight_sites, simulated_sites
-from common.config import JobConfig, check_known_keys
+from client.site import SiteConfig, preflight_sites, simulated_sites
+from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
-from server.app import build_server_app
+from common.model import build_model, device
+from common.params import set_trainable
+from common.text import encode, evaluate
+from server.app import SimulatedSites, build_server_app
 from server.checkpoint import CHECKPOINT
 from server.report import REPORT_JSON, RunRecorder
 from server.resume import resume_job
+from server.strategy import CentralEval
 
 log = logging.getLogger(__name__)
 
 
 class SimulationFailedError(FedsiloError):
     """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
+
+
+def central_evaluator(job: JobConfig, sites: Sequence[SiteConfig]) -> CentralEval:
+    """Accuracy on the union of the simulated departments' test splits (the global held-out test)."""
+    labels = job.label_names
+    built = build_model(job, len(labels))
+    splits = [site.load_split(labels) for site in sites]
+    texts = [t for s in splits for t in s.test_texts]
+    data = encode(built.tokenizer, texts, np.concatenate([s.test_labels for s in splits]), job.max_length)
+
+    def evaluate_global(arrays: list[np.ndarray]) -> float:
+        set_trainable(built.model, arrays)
+        result = evaluate(built.model, data, device())
+        log.info("central evaluation: accuracy %.4f on %d held-out examples", result.accuracy, result.n)
+        return result.accuracy
+
+    return evaluate_global
+
+
+def sites_view(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> SimulatedSites:
+    """What the ServerApp may know of the simulated departments (their configs are the simulation's own)."""
+    sites = simulated_sites(job, sim, out_dir)
+    return SimulatedSites(
+        shared_budget=None if sim.site_epsilon_overrides() else sim.sim_epsilon,
+        delta=sim.sim_delta,
+        accountants=frozenset(site.accountant for site in sites),
+        central_eval=central_evaluator(job, sites) if sim.sim_global_eval else None,
+    )
 
 
 def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
@@ -81,7 +115,7 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
     from flwr.simulation import run_simulation
 
     log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
-    run_simulation(server_app=build_server_app(rc, simulation=True, on_round=on_round),
+    run_simulation(server_app=build_server_app(rc, simulated_sites=sites_view, on_round=on_round),
                    client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
                    backend_config=backend_config)
     report_path = out_dir / REPORT_JSON

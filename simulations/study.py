@@ -34,10 +34,10 @@ from client.train import train_round
 from common.config import check_known_keys
 from common.data import DEPARTMENT, LABEL, TEXT, load_source, resolve_job
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.model import build_model, device
 from common.privacy import sample_rate, steps_per_round
 from common.text import encode, evaluate
-from common.files import write_atomic
 from simulations.machine import describe, machine_line
 from simulations.run import simulate
 

@@ -277,7 +277,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_changes_nothing(case: str, w
     build, pattern = CASES[case]
     argv = build(world, busy_port)
     before = _tree(world.root)
-    with mock.patch("common.cli._exec", _tripwire), mock.patch("flwr.simulation.run_simulation", _tripwire), \
+    with mock.patch("os.execve", _tripwire), mock.patch("flwr.simulation.run_simulation", _tripwire), \
             mock.patch("server.deploy._flwr", _tripwire):
         status = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

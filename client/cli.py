@@ -1,0 +1,82 @@
+"""A department's commands: `client start` (its SuperNode) and `budget` (its privacy ledger and egress log)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.cli import exec_tool
+
+
+def _cmd_client_start(args: argparse.Namespace) -> int:
+    from client.deploy import install_gate, supernode_command
+
+    cmd = supernode_command(args.site_config, port=args.port, max_retries=args.max_retries)
+    return exec_tool(cmd, path_first=install_gate())
+
+
+def _require_agreement(checks: list, site: str) -> None:
+    from common.accountant_check import require_agreement
+
+    require_agreement(checks, site)
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from client.egress import egress_log_path, format_record, read_egress_log
+    from client.ledger import LedgerFile
+    from client.site import SiteConfig
+
+    site = SiteConfig.from_toml(args.site_config)
+    ledger = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant).read()
+    egress_path = egress_log_path(Path(site.ledger))
+    egress = read_egress_log(egress_path)
+    checks = []
+    if args.check:
+        from common.accountant_check import check_ledger
+
+        checks = check_ledger(ledger.entries, ledger.delta, ledger.accountant)
+    if args.json:
+        doc = ledger.body() | {"epsilon_spent": ledger.epsilon, "remaining": ledger.remaining,
+                               "egress_log": str(egress_path), "egress": egress}
+        if args.check:
+            doc["accountant_check"] = [vars(c) | {"relative_difference": c.relative_difference, "agrees": c.agrees}
+                                       for c in checks]
+        print(json.dumps(doc, indent=2))
+        _require_agreement(checks, ledger.site)
+        return 0
+    print(f"site {ledger.site}: spent epsilon {ledger.epsilon:.4f} of {ledger.epsilon_budget:g} "
+          f"(delta {ledger.delta:g}, {ledger.accountant} accountant); remaining {ledger.remaining:.4f}")
+    for e in ledger.entries:
+        print(f"  run {e.run_id} round {e.round}: sigma={e.noise_multiplier:.4f} q={e.sample_rate:.4f} "
+              f"steps={e.steps} -> epsilon {e.epsilon_after:.4f}")
+    if args.check:
+        print(f"accountant cross-check (recomputed with Opacus from the recorded sigma, q, steps, delta; "
+              f"privacy unit: one record of {ledger.site}):")
+        for c in checks:
+            print(f"  run {c.run_id} round {c.round}: ledger {c.recorded:.4f}, {ledger.accountant} {c.configured:.4f} "
+                  f"({100 * c.relative_difference:.3f}% off: {'agrees' if c.agrees else 'DISAGREES'}), "
+                  f"RDP {c.rdp:.4f}, PRV {c.prv:.4f}")
+    print(f"egress log {egress_path}: {len(egress)} message(s) sent, {sum(r.get('bytes', 0) for r in egress)} bytes")
+    for record in egress:
+        print(f"  {format_record(record)}")
+    _require_agreement(checks, ledger.site)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`client start` and `budget`."""
+    client = sub.add_parser("client", help="run a department's client (Flower SuperNode)")
+    csub = client.add_subparsers(dest="client_command", required=True)
+    cstart = csub.add_parser("start", help="connect this department to the server, from its site config")
+    cstart.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
+    cstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    cstart.add_argument("--max-retries", type=int, help="give up after this many connection attempts")
+    cstart.set_defaults(func=_cmd_client_start)
+    b = sub.add_parser("budget", help="show a site's privacy ledger (spent, remaining, per round) and egress log")
+    b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.add_argument("--check", action="store_true",
+                   help="recompute every charge with Opacus' RDP and PRV accountants (exit 2 if the ledger "
+                        "disagrees with its own accountant by more than 1%%)")
+    b.set_defaults(func=_cmd_budget)

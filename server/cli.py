@@ -1,0 +1,103 @@
+"""The coordination server's commands: `server start`, `server register`, `server nodes`, `server run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.cli import EXIT_ERROR, add_config_option, exec_tool, run_config_from_args
+from common.errors import FedsiloError
+
+
+def _cmd_server_start(args: argparse.Namespace) -> int:
+    from server.deploy import ServerState, prepare_server
+
+    if args.insecure:
+        print("fedsilo: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can read "
+              "the traffic and join as a department. Local development only.", file=sys.stderr)
+    cmd = prepare_server(args.state_dir, args.certs, args.host, args.port, insecure=args.insecure,
+                         operator_networks=args.operator_network)
+    return exec_tool(cmd, ServerState(args.state_dir).env())
+
+
+def _cmd_server_register(args: argparse.Namespace) -> int:
+    from server.deploy import register_node
+
+    print(register_node(args.state_dir, args.key, args.name))
+    return 0
+
+
+def _cmd_server_nodes(args: argparse.Namespace) -> int:
+    from server.deploy import list_nodes
+
+    print(list_nodes(args.state_dir, as_json=args.json), end="")
+    return 0
+
+
+def _cmd_server_run(args: argparse.Namespace) -> int:
+    from server.checkpoint import CHECKPOINT
+    from server.deploy import submit_job
+    from server.report import REPORT_JSON
+    from server.resume import resume_job
+
+    if args.resume is None and (args.out is None or args.labels is None):
+        raise FedsiloError("--out and --labels are required (unless --resume RUN_DIR continues a run).")
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise FedsiloError("--out and --resume name different directories; --resume RUN_DIR continues that run.")
+    out = (args.resume or args.out).resolve()
+    if args.resume is None and ((out / REPORT_JSON).exists() or (out / CHECKPOINT).exists()):
+        raise FedsiloError(f"{out} already holds a run; choose another --out, or continue it with --resume {out}.")
+    rc = run_config_from_args(args)
+    rc["out-dir"] = str(out)
+    if args.resume is not None:
+        rc = resume_job(out, rc)
+    status = submit_job(args.state_dir, rc, args.app)
+    if not (out / REPORT_JSON).exists():
+        raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
+    report = json.loads((out / REPORT_JSON).read_text())
+    final = report["final"]
+    print(f"Job finished: {final.get('rounds_completed')} rounds, global accuracy {final.get('global_accuracy')}; "
+          f"report in {out}")
+    return 0 if status == 0 else EXIT_ERROR
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`server start|register|nodes|run`."""
+    server = sub.add_parser("server", help="run the coordination server (Flower SuperLink) and submit jobs")
+    ssub = server.add_subparsers(dest="server_command", required=True)
+    start = ssub.add_parser("start", help="start the SuperLink: TLS, node authentication, persistent state")
+    start.add_argument("--state-dir", type=Path, required=True, help="server state (database, operator connection)")
+    start.add_argument("--certs", type=Path, help="directory from `fedsilo certs init` (ca.crt, server.pem, ...)")
+    start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=47100, help="HTTPS port (default 47100)")
+    start.add_argument("--insecure", action="store_true", help="plaintext, no node authentication (dev only)")
+    start.add_argument("--operator-network", action="append", default=[], metavar="CIDR",
+                       help="also let this network submit jobs (Control API); default: this host only")
+    start.set_defaults(func=_cmd_server_start)
+    reg = ssub.add_parser("register", help="register a department's node public key")
+    reg.add_argument("--state-dir", type=Path, required=True)
+    reg.add_argument("--key", type=Path, required=True, help="the department's <name>.pub")
+    reg.add_argument("--name", required=True, help="the department's name")
+    reg.set_defaults(func=_cmd_server_register)
+    nodes = ssub.add_parser("nodes", help="list registered departments' nodes and whether they are online")
+    nodes.add_argument("--state-dir", type=Path, required=True)
+    nodes.add_argument("--json", action="store_true", help="Flower's JSON listing (node-id, status, ...), for scripts")
+    nodes.set_defaults(func=_cmd_server_nodes)
+    run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end")
+    run.add_argument("--state-dir", type=Path, required=True)
+    run.add_argument("--out", type=Path, help="where the server writes report, CSV, plots (required)")
+    run.add_argument("--labels", help="class names in label order, e.g. negative,positive (required)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue the interrupted job in RUN_DIR from its last completed round (its job config "
+                          "comes from the checkpoint; other options may only repeat it)")
+    run.add_argument("--rounds", type=int)
+    run.add_argument("--model", help="'minilm', 'tiny-random' or a model directory present on every host")
+    run.add_argument("--finetune", choices=["lora", "full"])
+    run.add_argument("--no-secagg", action="store_true", help="sites that require SecAgg+ will refuse")
+    run.add_argument("--no-dp", action="store_true", help="sites that do not allow it will refuse")
+    add_config_option(run, "any run-config key of pyproject.toml's [tool.flwr.app.config] (repeatable)")
+    run.add_argument("--app", type=Path, help="submit this app directory instead of this installation's "
+                     "(sites run only app bundles their policy approves)")
+    run.set_defaults(func=_cmd_server_run)
