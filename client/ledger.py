@@ -255,3 +255,13 @@ class LedgerFile:
     def read(self) -> Ledger:
         with self.open() as ledger:
             return ledger
+
+
+def load_ledger(path: Path) -> Ledger:
+    """Read a ledger file as it is (no site config needed, nothing locked or written), for tools that inspect a
+    copy of a site's ledger; `LedgerError` if it is missing, unreadable or fails its checksum."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"Ledger {path} cannot be read: {exc}.") from exc
+    return _parse(path, text)

@@ -128,8 +128,28 @@ _READERS = {
 }
 
 
-def load_table(path: Path, text_column: str, label_column: str, department_column: str | None) -> pd.DataFrame:
-    """Read a CSV/TSV/JSONL/Parquet file into the standard frame (department column optional)."""
+def table_bytes(frame: pd.DataFrame, suffix: str) -> bytes:
+    """`frame` in the format of a file ending in `suffix` (one `_READERS` reads back)."""
+    suffix = suffix.lower()
+    if suffix == ".csv":
+        return frame.to_csv(index=False).encode()
+    if suffix == ".tsv":
+        text_cells = frame.select_dtypes(include="object").astype(str)
+        if text_cells.apply(lambda col: col.str.contains("[\t\n\r]", regex=True)).any().any():
+            raise DataError("A value holds a tab or line break, which TSV cannot carry; write CSV or JSONL.")
+        return frame.to_csv(sep="\t", index=False, quoting=3).encode()
+    if suffix == ".jsonl":
+        return frame.to_json(orient="records", lines=True, force_ascii=False).encode()
+    if suffix == ".parquet":
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        return buf.getvalue()
+    raise DataError(f"Unsupported table format {suffix!r}; use one of {sorted(_READERS)}.")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet file as it is (every column); `DataError` for a missing, empty, binary,
+    unparsable or row-less file, or an unsupported format."""
     if not path.exists():
         raise DataError(f"Data file {path} does not exist.")
     if not path.is_file():
@@ -156,6 +176,12 @@ def load_table(path: Path, text_column: str, label_column: str, department_colum
         raise DataError(f"Data file {path} cannot be read: {exc.strerror or exc}.") from exc
     if raw.empty:
         raise DataError(f"Data file {path} has no rows.")
+    return raw
+
+
+def load_table(path: Path, text_column: str, label_column: str, department_column: str | None) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/Parquet file into the standard frame (department column optional)."""
+    raw = read_table(path)
     wanted = [text_column, label_column] + ([department_column] if department_column else [])
     missing = [c for c in wanted if c not in raw.columns]
     if missing:

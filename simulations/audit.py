@@ -23,18 +23,13 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from client.ledger import LedgerFile
 from client.site import simulated_sites
 from common.accountant_check import check_ledger
-from common.config import JobConfig
-from common.data import resolve_job
-from common.errors import ConfigError, ModelError, ParameterMismatchError
+from common.errors import ConfigError
 from common.files import write_atomic
-from common.model import build_model, device
-from common.params import set_trainable
+from common.model import device
 from common.text import encode, model_inputs
-from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from server.report import REPORT_JSON
+from simulations.runs import global_model, load_run, simulation_ledgers
 
 log = logging.getLogger(__name__)
 
@@ -121,34 +116,6 @@ def per_example_loss(model: torch.nn.Module, tokenizer: Any, texts: list[str], l
     return out
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], Checkpoint]:
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory.")
-    report_path, checkpoint_path = run_dir / REPORT_JSON, run_dir / CHECKPOINT
-    for path in (report_path, checkpoint_path):
-        if not path.is_file():
-            raise ConfigError(f"{run_dir} holds no {path.name}: not the output directory of a finished run.")
-    if not (run_dir / "sites").is_dir():
-        raise ConfigError(f"{run_dir} is not a simulation's output (no sites/): the audit needs the departments' "
-                          "data, which only a simulation has on this machine.")
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{run_dir}: cannot read the run's report: {exc}") from exc
-    if not isinstance(report, dict) or "config" not in report:
-        raise ConfigError(f"{run_dir}: unknown report format.")
-    return report, load_checkpoint(run_dir)
-
-
-def _global_model(job: JobConfig, checkpoint: Checkpoint) -> tuple[torch.nn.Module, Any]:
-    built = build_model(job, len(job.label_names))
-    try:
-        set_trainable(built.model, checkpoint.arrays_for(built.model))
-    except ParameterMismatchError as exc:
-        raise ModelError(f"The checkpoint's tensors do not match the model its job config builds: {exc}") from exc
-    return built.model, built.tokenizer
-
-
 def _plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -178,10 +145,13 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
     """Audit a simulation's output directory; writes audit.json and the ROC plot; returns the audit."""
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap must be at least 0, got {bootstrap}.")
-    report, checkpoint = _load_run(run_dir)
-    job, sim = resolve_job(report["config"])
-    model, tokenizer = _global_model(job, checkpoint)
-    sites = simulated_sites(job, sim, run_dir.resolve())
+    run = load_run(run_dir)
+    if not run.is_simulation:
+        raise ConfigError(f"{run_dir} is not a simulation's output (no sites/): the audit needs the departments' "
+                          "data, which only a simulation has on this machine.")
+    report, checkpoint, job = run.report, run.checkpoint, run.job
+    model, tokenizer = global_model(run)
+    sites = simulated_sites(job, run.sim, run_dir.resolve())
     results: dict[str, AttackResult] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     pooled_members, pooled_non = [], []
@@ -201,13 +171,10 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
 
     ledgers: dict[str, Any] = {}
     if accountant_check:
-        for site in sites:
-            path = Path(site.ledger)
-            if path.exists():
-                ledger = LedgerFile(path, site.name, site.epsilon, site.delta, site.accountant).read()
-                ledgers[site.name] = [dataclasses.asdict(c) | {"relative_difference": c.relative_difference,
-                                                               "agrees": c.agrees}
-                                      for c in check_ledger(ledger.entries, ledger.delta, ledger.accountant)]
+        for name, ledger in simulation_ledgers(run).items():
+            ledgers[name] = [dataclasses.asdict(c) | {"relative_difference": c.relative_difference,
+                                                      "agrees": c.agrees}
+                             for c in check_ledger(ledger.entries, ledger.delta, ledger.accountant)]
     final = report.get("final", {})
     audit = {
         "run_dir": str(run_dir.resolve()),
