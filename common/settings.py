@@ -307,10 +307,14 @@ def value_text(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(value_text(v) for v in value) + "]"
     if value is None:
-        return "(none)"
+        return "absent"
     if isinstance(value, Settings):
-        return "(table)"
+        return "its keys' defaults"
     return repr(value)
+
+
+def _literal(value: Any) -> bool:
+    return value is not None and not isinstance(value, Settings)
 
 
 def _type_word(f: Field) -> str:
@@ -336,7 +340,8 @@ def markdown_keys(cls: type[Settings]) -> str:
     """A markdown table of the keys of `cls` (for docs/configuration.md)."""
     rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for f in settings_fields(cls):
-        default = "*required*" if f.required else f"`{value_text(f.default)}`"
+        default = ("*required*" if f.required else f"`{value_text(f.default)}`" if _literal(f.default)
+                   else f"*{value_text(f.default)}*")
         cells = (f"`{f.key}`", _type_word(f), default, allowed_text(f) or "", f.spec.help)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
