@@ -19,7 +19,7 @@ from common.config import ACCOUNTANTS, JobConfig, SimulationConfig
 from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, departments_of, load_source, split_department
 from common.errors import ConfigError, DataError
 from common.preflight import check_department_data
-from common.settings import Settings, load, option
+from common.settings import Settings, format_keys, load, option
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,13 @@ class SiteConfig(Settings):
         count. The job's labels are not known yet, so they are checked when a job arrives."""
         frame, department = self._frame()
         return int((frame[DEPARTMENT] == department).sum())
+
+
+def site_config_help(width: int = 100) -> str:
+    """Every key of a site config and of its [policy] table with its type, default, allowed values and help text:
+    a plain-text block for an argparse epilog (with `argparse.RawDescriptionHelpFormatter`)."""
+    return (f"site config keys (TOML; paths relative to the file):\n{format_keys(SiteConfig, width=width)}\n"
+            f"[policy] keys:\n{format_keys(SitePolicy, width=width)}")
 
 
 def preflight_sites(sites: list[SiteConfig], job: JobConfig) -> dict[str, int]:

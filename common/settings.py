@@ -107,10 +107,6 @@ class Settings:
     def check(self) -> None:
         """Cross-field checks of a config (one field's own type and range are declared with `option`)."""
 
-    def validate(self) -> None:
-        """Check the config again (it was checked when constructed)."""
-        self.__post_init__()
-
     def invalid(self, name: str, problem: str) -> SettingError:
         """The error for field `name` (for `check`): `raise self.invalid("labels", "has duplicates")`."""
         return SettingError(self.label, key_of(type(self), name), problem)
@@ -309,7 +305,7 @@ def value_text(value: Any) -> str:
     if value is None:
         return "absent"
     if isinstance(value, Settings):
-        return "its keys' defaults"
+        return "empty"
     return repr(value)
 
 
@@ -318,8 +314,7 @@ def _literal(value: Any) -> bool:
 
 
 def _type_word(f: Field) -> str:
-    word = {bool: "bool", int: "int", float: "float", str: "string", tuple: "list of strings"}.get(f.kind, "table")
-    return f"{word} (optional)" if f.optional else word
+    return {bool: "bool", int: "int", float: "float", str: "string", tuple: "list of strings"}.get(f.kind, "table")
 
 
 def format_keys(*classes: type[Settings], width: int = 100) -> str:

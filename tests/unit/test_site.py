@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client.site import SiteConfig
+from client.site import SiteConfig, site_config_help
 from common.errors import ConfigError
 
 VALID = """\
@@ -199,3 +199,15 @@ def test_direct_construction_normalises_numbers() -> None:
     cfg = _direct(epsilon=4)
     assert cfg.epsilon == 4.0
     assert isinstance(cfg.epsilon, float)
+
+
+def test_site_config_help_lists_every_key() -> None:
+    from client.policy import SitePolicy
+    from common.settings import settings_fields
+
+    text = site_config_help()
+    for cls in (SiteConfig, SitePolicy):
+        for f in settings_fields(cls):
+            assert f"\n  {f.key} (" in text
+    assert "  epsilon (float, required; positive)\n      the site's total privacy budget" in text
+    assert "  max_rounds_per_job (int, default absent; positive)" in text
