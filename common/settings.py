@@ -13,8 +13,8 @@ The field's type comes from its annotation (bool, int, float, str, `X | None`, `
 raises). `Settings.__post_init__` checks every field and then the config's own cross-field `check()`. A bad value
 raises `SettingError` (a `ConfigError`) naming the key as the user writes it: with dashes for run-config keys
 (`dashes = True`), the field name otherwise. `load` builds a config from a mapping (a run config, a TOML table),
-with the same checks and so the same messages; `describe`/`format_keys`/`markdown_keys` render the help text for
-`--help` and the docs.
+with the same checks and so the same messages; `format_keys`/`markdown_keys` render the help text for `--help` and
+the docs.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class SettingError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One field of a config, as `describe` and the checks see it."""
+    """One field of a config, as the checks and the help text see it."""
 
     name: str
     key: str
