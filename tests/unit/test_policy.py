@@ -101,7 +101,7 @@ def test_a_constructed_policy_is_normalised() -> None:
 
 def test_digest_normalisation() -> None:
     assert normalise_digest("AB" * 32) == "sha256:" + "ab" * 32
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="is not an app digest"):
         normalise_digest("md5:" + "ab" * 16)
 
 
