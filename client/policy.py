@@ -9,64 +9,55 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from common.appbundle import DIGEST_PREFIX, app_dir, build_bundle, bundle_digest, normalise_digest
 from common.config import JobConfig
 from common.errors import ConfigError, PolicyError
+from common.settings import Settings, option
 
 INSTALLED = "installed"  # approved_apps entry: the app bundle of the fedsilo installed at this site
 SERVER_CHECK_TIMEOUT_S = 10.0
 
 
 def _fingerprint(value: str) -> str:
-    """Normalise a certificate fingerprint ('sha256:AB:CD...', 'abcd...') to lower-case hex."""
+    """Normalise a certificate fingerprint ('sha256:AB:CD...', 'abcd...') to lower-case hex ("" stays "")."""
+    if not value:
+        return ""
     text = value.strip()
     if text.lower().startswith(DIGEST_PREFIX):
         text = text[len(DIGEST_PREFIX):]
     text = text.replace(":", "").lower()
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise ConfigError(f"Site policy key 'server_fingerprint': {value!r} is not a SHA-256 certificate "
-                          "fingerprint (64 hex digits, as `fedsilo certs` prints it).")
+        raise ConfigError(f"{value!r} is not a SHA-256 certificate fingerprint (64 hex digits, as `fedsilo certs` "
+                          "prints it)")
     return text
 
 
-@dataclass(frozen=True)
-class SitePolicy:
-    approved_apps: tuple[str, ...] = ()  # app digests (sha256:...) or "installed"; empty: refuse every job
-    max_epsilon_per_job: float | None = None  # most epsilon one job (run) may spend here; None: the whole budget
-    max_rounds_per_job: int | None = None  # most training rounds a job may ask for; None: no limit
-    server_fingerprint: str = ""  # sha256 of the server certificate this site trusts (pinning); "": CA only
+def _approved(apps: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a if a == INSTALLED else normalise_digest(a) for a in apps)
 
-    @classmethod
-    def from_table(cls, table: object, path: Path) -> SitePolicy:
-        where = f"Site config {path}, [policy]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where} must be a table.")
-        known = {"approved_apps", "max_epsilon_per_job", "max_rounds_per_job", "server_fingerprint"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}.")
-        apps = table.get("approved_apps", [])
-        if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
-            raise ConfigError(f"{where}: 'approved_apps' must be a list of app digests (or \"{INSTALLED}\").")
-        approved = tuple(a if a == INSTALLED else normalise_digest(a) for a in apps)
-        eps = table.get("max_epsilon_per_job")
-        if eps is not None and not (isinstance(eps, int | float) and not isinstance(eps, bool)
-                                    and math.isfinite(eps) and eps > 0):
-            raise ConfigError(f"{where}: 'max_epsilon_per_job' must be a positive number, got {eps!r}.")
-        rounds = table.get("max_rounds_per_job")
-        if rounds is not None and not (isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > 0):
-            raise ConfigError(f"{where}: 'max_rounds_per_job' must be a positive integer, got {rounds!r}.")
-        pin = table.get("server_fingerprint", "")
-        if not isinstance(pin, str):
-            raise ConfigError(f"{where}: 'server_fingerprint' must be a string.")
-        return cls(approved_apps=approved, max_epsilon_per_job=None if eps is None else float(eps),
-                   max_rounds_per_job=rounds, server_fingerprint=_fingerprint(pin) if pin else "")
+
+@dataclass(frozen=True)
+class SitePolicy(Settings):
+    """The `[policy]` table of a site's TOML file: what the site accepts from a job."""
+
+    label: ClassVar[str] = "Site policy key"
+
+    approved_apps: tuple[str, ...] = option((), help=f'app digests (sha256:...) the site runs, or "{INSTALLED}" '
+                                            "for the app bundle of the fedsilo installed at the site; empty: refuse "
+                                            "every job", convert=_approved)
+    max_epsilon_per_job: float | None = option(None, help="most epsilon one job (run) may spend here; absent: the "
+                                               "whole budget", gt=0)
+    max_rounds_per_job: int | None = option(None, help="most training rounds a job may ask for; absent: no limit",
+                                            gt=0)
+    server_fingerprint: str = option("", help="SHA-256 fingerprint of the server certificate this site trusts "
+                                     '(pinning, as `fedsilo certs` prints it); "": the CA alone',
+                                     convert=_fingerprint)
 
     def approved_digests(self) -> frozenset[str]:
         digests = {a for a in self.approved_apps if a != INSTALLED}

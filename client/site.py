@@ -6,10 +6,10 @@ change it. In simulation the operator plays every site, so `simulated_site` deri
 
 from __future__ import annotations
 
-import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 
@@ -19,52 +19,41 @@ from common.config import ACCOUNTANTS, JobConfig, SimulationConfig
 from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, departments_of, load_source, split_department
 from common.errors import ConfigError, DataError
 from common.preflight import check_department_data
-
-
-def _has_type(value: object, kind: str) -> bool:
-    if kind == "float":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, {"str": str, "bool": bool}[kind])
+from common.settings import Settings, format_keys, load, option
 
 
 @dataclass(frozen=True)
-class SiteConfig:
-    name: str  # department name, as reported to the server
-    data: str  # "hutto" or the path of the site's data file
-    epsilon: float  # the site's total privacy budget ...
-    delta: float  # ... at this delta
-    ledger: str  # path of the site's privacy ledger
-    text_column: str = TEXT
-    label_column: str = LABEL
-    department_column: str = ""  # optional: keep only rows whose department equals `name`
-    accountant: str = "rdp"  # Opacus accountant the ledger is kept with
-    require_secagg: bool = True  # refuse to send an update unless it is masked by SecAgg+
-    allow_non_private: bool = False  # refuse jobs that turn DP-SGD off
-    test_fraction: float = 0.2  # share of the site's data held out for federated evaluation
-    split_seed: int = 0
-    # Deployment (fedsilo client start): where the coordination server is and how this site proves who it is.
-    server: str = ""  # SuperLink address host:port
-    ca: str = ""  # CA certificate the server's TLS certificate must chain to
-    node_key: str = ""  # this site's private node key (OpenSSH, EC P-384), registered at the server
-    insecure: bool = False  # plaintext, no node authentication: local development only
-    # What this site accepts from a job (the [policy] table): approved app bundles, per-job limits, server pin.
-    policy: SitePolicy = field(default_factory=SitePolicy)
+class SiteConfig(Settings):
+    """A department's own configuration (its TOML file in deployment; derived from the simulation config in
+    simulation)."""
 
-    def validate(self) -> None:
-        if not self.name.strip():
-            raise ConfigError("Site config key 'name' must not be empty.")
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ConfigError(f"Site config key 'epsilon' must be positive, got {self.epsilon}.")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"Site config key 'delta' must be in (0, 1), got {self.delta}.")
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"Site config key 'accountant' must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
-        if not 0 < self.test_fraction < 1:
-            raise ConfigError(f"Site config key 'test_fraction' must be in (0, 1), got {self.test_fraction}.")
-        if not self.ledger:
-            raise ConfigError("Site config key 'ledger' must name the ledger file.")
+    label: ClassVar[str] = "Site config key"
+
+    name: str = option(help="department name, as reported to the server", nonempty=True)
+    data: str = option(help='"hutto" or the path of the site\'s data file (CSV/TSV/JSONL/Parquet; relative to the '
+                       "site config)")
+    epsilon: float = option(help="the site's total privacy budget epsilon ...", gt=0)
+    delta: float = option(help="... at this delta", gt=0, lt=1)
+    ledger: str = option(help="path of the site's privacy ledger (relative to the site config)", nonempty=True)
+    text_column: str = option(TEXT, help="text column of the data file")
+    label_column: str = option(LABEL, help="label column of the data file")
+    department_column: str = option("", help="optional department column: only rows whose department equals "
+                                    "`name` are used")
+    accountant: str = option("rdp", help="Opacus accountant the ledger is kept with", choices=ACCOUNTANTS)
+    require_secagg: bool = option(True, help="refuse to send an update unless it is masked by SecAgg+")
+    allow_non_private: bool = option(False, help="accept jobs that turn DP-SGD off")
+    test_fraction: float = option(0.2, help="share of the site's data held out for federated evaluation",
+                                  gt=0, lt=1)
+    split_seed: int = option(0, help="seed of the train/test split")
+    # Deployment (fedsilo client start): where the coordination server is and how this site proves who it is.
+    server: str = option("", help="SuperLink address host:port (`fedsilo client start`)")
+    ca: str = option("", help="CA certificate the server's TLS certificate must chain to (relative to the site "
+                     "config)")
+    node_key: str = option("", help="this site's private node key (OpenSSH, EC P-384), registered at the server "
+                           "(relative to the site config)")
+    insecure: bool = option(False, help="plaintext, no node authentication: local development only")
+    policy: SitePolicy = option(  # noqa: RUF009 (option() is dataclasses.field with metadata)
+        help="what this site accepts from a job: the [policy] table (below)", default_factory=SitePolicy)
 
     @classmethod
     def from_toml(cls, path: Path) -> SiteConfig:
@@ -74,30 +63,13 @@ class SiteConfig:
             raise ConfigError(f"Site config {path} cannot be read: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Site config {path} is not valid TOML: {exc}") from exc
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise ConfigError(f"Site config {path}: unknown key(s) {unknown}; known: {sorted(known)}.")
-        missing = sorted(k for k in ("name", "data", "epsilon", "delta", "ledger") if k not in doc)
-        if missing:
-            raise ConfigError(f"Site config {path}: missing key(s) {missing}.")
-        for f in fields(cls):
-            if f.name in doc and f.name != "policy" and not _has_type(doc[f.name], str(f.type)):
-                raise ConfigError(f"Site config {path}: key '{f.name}' must be of type {f.type}, "
-                                  f"got {doc[f.name]!r}.")
-        if "policy" in doc:
-            doc["policy"] = SitePolicy.from_table(doc["policy"], path)
         base = path.parent
-        doc["data"] = doc["data"] if doc["data"] == "hutto" else str((base / doc["data"]).resolve())
+        if isinstance(doc.get("data"), str) and doc["data"] != "hutto":  # paths are relative to the site config
+            doc["data"] = str((base / doc["data"]).resolve())
         for key in ("ledger", "ca", "node_key"):
-            if doc.get(key):
+            if isinstance(doc.get(key), str) and doc[key]:
                 doc[key] = str((base / doc[key]).resolve())
-        try:
-            cfg = cls(**doc)
-        except TypeError as exc:
-            raise ConfigError(f"Site config {path}: {exc}") from exc
-        cfg.validate()
-        return cfg
+        return load(cls, doc, where=f"Site config {path}")
 
     def _frame(self) -> tuple[pd.DataFrame, str]:
         frame = load_source(self.data, self.text_column, self.label_column, self.department_column or None)
@@ -116,6 +88,13 @@ class SiteConfig:
         count. The job's labels are not known yet, so they are checked when a job arrives."""
         frame, department = self._frame()
         return int((frame[DEPARTMENT] == department).sum())
+
+
+def site_config_help(width: int = 100) -> str:
+    """Every key of a site config and of its [policy] table with its type, default, allowed values and help text:
+    a plain-text block for an argparse epilog (with `argparse.RawDescriptionHelpFormatter`)."""
+    return (f"site config keys (TOML; paths relative to the file):\n{format_keys(SiteConfig, width=width)}\n"
+            f"[policy] keys:\n{format_keys(SitePolicy, width=width)}")
 
 
 def preflight_sites(sites: list[SiteConfig], job: JobConfig) -> dict[str, int]:

@@ -273,6 +273,5 @@ def resolve_job(rc: RunConfig) -> tuple[JobConfig, SimulationConfig]:
     if not job.label_names:
         labels, _ = frame_labels_and_departments(sim.sim_data, sim.sim_text_column, sim.sim_label_column,
                                                  sim.sim_department_column)
-        job = dataclasses.replace(job, labels=",".join(labels))
-        job.validate()
+        job = dataclasses.replace(job, labels=",".join(labels))  # checked again on construction
     return job, sim

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from common.files import write_atomic
 from common.model import build_model
 from common.params import get_trainable
 from common.privacy import sample_rate, steps_per_round
+from common.settings import Settings, option
 from simulations.machine import PeakSampler, describe, machine_line, tree_memory
 from simulations.run import simulate
 from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method
@@ -53,15 +54,20 @@ class BenchError(FedsiloError):
     """A benchmark measurement failed (the message says which and why)."""
 
 
-@dataclass(frozen=True)
-class SimSetup:
-    model: str
-    departments: int
-    rows: int  # rows per department (80% train)
-    rounds: int  # round 1 (actor start-up) is reported but left out of the medians
-    batch: int
-    local_epochs: float
-    max_length: int
+@dataclass(frozen=True, kw_only=True)
+class SimSetup(Settings):
+    """One benchmark simulation's sizes (the other run-config keys keep their defaults)."""
+
+    label: ClassVar[str] = "Bench simulation setting"
+
+    model: str = option(help="model (the run-config key model)", nonempty=True)
+    departments: int = option(help="simulated departments", ge=1)
+    rows: int = option(help="rows per department (80% train)", ge=1)
+    rounds: int = option(help="federated rounds; round 1 (actor start-up) is reported but left out of the medians",
+                         ge=1)
+    batch: int = option(help="expected batch size (batch-size)", gt=0)
+    local_epochs: float = option(help="fraction of a department's data visited per round (local-epochs)", gt=0)
+    max_length: int = option(help="tokens per text (max-length)", gt=0, le=512)
 
 
 @dataclass(frozen=True)
@@ -78,19 +84,24 @@ class BenchSetup:
 FULL = BenchSetup(
     step=StepSetup(model="minilm", finetune="lora", batch=64, seq_len=64, steps=5, warmup=1),
     repeats=5,
-    secagg=(SimSetup("minilm", 4, 100, 4, 16, 0.4, 64), SimSetup("minilm", 10, 100, 4, 16, 0.4, 64)),
+    secagg=tuple(SimSetup(model="minilm", departments=n, rows=100, rounds=4, batch=16, local_epochs=0.4,
+                          max_length=64) for n in (4, 10)),
     secagg_runs=2,
-    overhead=(SimSetup("minilm", 2, 1500, 3, 64, 0.25, 64), SimSetup("minilm", 2, 3700, 3, 64, 0.25, 64)),
-    scale=SimSetup("tiny-random", 100, 40, 3, 8, 0.5, 32),
+    overhead=tuple(SimSetup(model="minilm", departments=2, rows=rows, rounds=3, batch=64, local_epochs=0.25,
+                            max_length=64) for rows in (1500, 3700)),
+    scale=SimSetup(model="tiny-random", departments=100, rows=40, rounds=3, batch=8, local_epochs=0.5,
+                   max_length=32),
     comm_model="minilm",
 )
+_QUICK_SIM = SimSetup(model="tiny-random", departments=2, rows=30, rounds=2, batch=8, local_epochs=0.5,
+                      max_length=16)
 QUICK = BenchSetup(
     step=StepSetup(model="tiny-random", finetune="lora", batch=8, seq_len=16, steps=2, warmup=1),
     repeats=2,
-    secagg=(SimSetup("tiny-random", 3, 30, 2, 8, 0.5, 16),),
+    secagg=(replace(_QUICK_SIM, departments=3),),
     secagg_runs=1,
-    overhead=(SimSetup("tiny-random", 2, 30, 2, 8, 0.5, 16),),
-    scale=SimSetup("tiny-random", 4, 30, 2, 8, 0.5, 16),
+    overhead=(_QUICK_SIM,),
+    scale=replace(_QUICK_SIM, departments=4),
     comm_model="tiny-random",
 )
 
@@ -324,9 +335,9 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
     if repeats is not None:
         setup = replace(setup, repeats=repeats)
     if secagg_departments:
-        chosen = tuple(replace(setup.secagg[0], departments=n) for n in secagg_departments)
         if any(n < 2 for n in secagg_departments):
             raise ConfigError("SecAgg+ needs at least 2 departments per simulation.")
+        chosen = tuple(replace(setup.secagg[0], departments=n) for n in secagg_departments)
         setup = replace(setup, secagg=chosen)
     parts = [p for p in PARTS if not only or p in only]
     # simulations of this invocation only: remeasuring a part later must not meet the runs it left last time

@@ -16,15 +16,16 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
-from common.config import JobConfig
+from common.config import FINETUNE_MODES, JobConfig
 from common.errors import ConfigError
 from common.model import build_model, device
+from common.settings import Settings, option
 from common.text import model_inputs
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,19 @@ LABELS = "negative,positive"
 NOISE_SEED = 1000
 
 
-@dataclass(frozen=True)
-class StepSetup:
-    model: str
-    finetune: str
-    batch: int
-    seq_len: int
-    steps: int  # timed steps
-    warmup: int  # untimed steps first (the memory peak is taken over these and the timed ones)
-    seed: int = 0
+@dataclass(frozen=True, kw_only=True)
+class StepSetup(Settings):
+    """What one step-cost measurement runs (the job config built from it checks itself too)."""
+
+    label: ClassVar[str] = "Step-cost setting"
+
+    model: str = option(help="model (the run-config key model)", nonempty=True)
+    finetune: str = option(help="the run-config key finetune", choices=FINETUNE_MODES)
+    batch: int = option(help="examples per step", gt=0)
+    seq_len: int = option(help="tokens per example (max-length)", gt=0, le=512)
+    steps: int = option(help="timed steps", ge=1)
+    warmup: int = option(help="untimed steps first (the memory peak is taken over these and the timed ones)", ge=0)
+    seed: int = option(0, help="model and batch seed")
 
 
 def _job(setup: StepSetup) -> JobConfig:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from simulations.bench import FULL, QUICK, secagg_order
+from dataclasses import asdict
+
+import pytest
+
+from common.errors import ConfigError
+from simulations.bench import FULL, QUICK, SimSetup, secagg_order
 
 
 def test_secagg_variants_run_in_abba_order() -> None:
@@ -30,3 +35,22 @@ def test_overhead_section_renders_old_and_new_bench_json() -> None:
         text = bench_markdown({"machine": describe(), "quick": False, "overhead": overhead}, only_part="overhead")
         assert "| 1200 | 5 | 17.60 | 15.00 | 15.1% (goal <= 10%: missed) |" in text
     assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 10%: met) |" in text
+
+
+def test_sim_setups_take_keywords_and_check_themselves() -> None:
+    kwargs = {"model": "tiny-random", "departments": 2, "rows": 30, "rounds": 2, "batch": 8, "local_epochs": 0.5,
+              "max_length": 16}
+    assert asdict(SimSetup(**kwargs)) == kwargs
+    with pytest.raises(TypeError):
+        SimSetup("tiny-random", 2, 30, 2, 8, 0.5, 16)  # type: ignore[misc]
+    for bad, message in (({"departments": 0}, "'departments' must be at least 1"),
+                         ({"local_epochs": 0.0}, "'local_epochs' must be positive"),
+                         ({"rows": 2.5}, "'rows' must be an integer"),
+                         ({"max_length": 1000}, "'max_length' must be in")):
+        with pytest.raises(ConfigError, match=message):
+            SimSetup(**{**kwargs, **bad})
+    for setup in (FULL, QUICK):
+        assert all(isinstance(s, SimSetup) for s in (*setup.secagg, *setup.overhead, setup.scale))
+    assert [s.departments for s in FULL.secagg] == [4, 10]
+    assert [s.rows for s in FULL.overhead] == [1500, 3700]
+    assert (QUICK.secagg[0].departments, QUICK.overhead[0].departments, QUICK.scale.departments) == (3, 2, 4)

@@ -1,13 +1,25 @@
-"""Unit tests for common.config: JobConfig / SimulationConfig parsing and validation."""
+"""Unit tests for common.config: JobConfig / SimulationConfig parsing and validation (common.settings)."""
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
+from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from common.config import JobConfig, SimulationConfig, as_run_config, check_known_keys
+from common.config import (
+    JobConfig,
+    SimulationConfig,
+    as_run_config,
+    check_known_keys,
+    run_config_help,
+    run_config_key_help,
+)
 from common.errors import ConfigError
+from common.settings import SettingError, settings_fields
 
 
 def test_job_defaults_are_valid() -> None:
@@ -160,3 +172,102 @@ def test_as_run_config_round_trips_defaults() -> None:
     rc = as_run_config(JobConfig())
     assert JobConfig.from_run_config(rc) == JobConfig()
     assert all("_" not in k for k in rc)
+
+
+# --- configs check themselves at construction, with the same messages as from_run_config --------------------------
+
+def _message(build: Callable[[], object]) -> str:
+    with pytest.raises(ConfigError) as info:
+        build()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "rc",
+    [
+        {"batch-size": 0},
+        {"batch-size": 2.5},
+        {"batch-size": True},
+        {"num-server-rounds": -3},
+        {"finetune": "x"},
+        {"learning-rate": float("nan")},
+        {"learning-rate": "fast"},
+        {"max-length": 513},
+        {"secagg-num-shares": 1.5},
+        {"secagg-quantization-range": 2**32},
+        {"round-retries": -1},
+        {"stage-timeout": 0.0},
+        {"dp": "maybe"},
+        {"model": 3},
+        {"labels": "a,b,a"},
+        {"resume": True},
+        {"secagg": True, "min-departments": 1},
+    ],
+)
+def test_direct_construction_gives_the_run_config_message(rc: dict) -> None:
+    kwargs = {k.replace("-", "_"): v for k, v in rc.items()}
+    direct = _message(lambda: JobConfig(**kwargs))
+    assert direct == _message(lambda: JobConfig.from_run_config(rc))
+    assert f"'{next(reversed(rc))}'" in direct
+
+
+def test_the_error_is_typed_and_names_the_key() -> None:
+    with pytest.raises(SettingError, match=r"^Config key 'batch-size' must be positive, got 0\.$") as info:
+        JobConfig(batch_size=0)
+    assert isinstance(info.value, ConfigError)
+    assert info.value.key == "batch-size"
+    with pytest.raises(SettingError, match="'sim-delta' must be in \\(0, 1\\)"):
+        SimulationConfig(sim_delta=1.0)
+    with pytest.raises(SettingError, match="'sim-site-epsilons' must look like"):
+        SimulationConfig(sim_site_epsilons="amazon")
+
+
+def test_replace_checks_again() -> None:
+    with pytest.raises(ConfigError, match="'batch-size'"):
+        dataclasses.replace(JobConfig(), batch_size=-1)
+    assert dataclasses.replace(JobConfig(), batch_size=8).batch_size == 8
+
+
+def test_configs_stay_frozen() -> None:
+    cfg = JobConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 1  # type: ignore[misc]
+
+
+def test_direct_construction_normalises_numbers() -> None:
+    cfg = JobConfig(learning_rate=1, stage_timeout=60)
+    assert isinstance(cfg.learning_rate, float)
+    assert isinstance(cfg.stage_timeout, float)
+    assert cfg == JobConfig(learning_rate=1.0, stage_timeout=60.0)
+    # the run config's looser spellings (strings for bools, integral floats for ints) are for run configs only
+    with pytest.raises(ConfigError, match="'dp' must be true or false, got 'false'"):
+        JobConfig(dp="false")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'lora-r' must be an integer, got 4\.0"):
+        JobConfig(lora_r=4.0)  # type: ignore[arg-type]
+
+
+# --- one schema: pyproject's [tool.flwr.app.config], the dataclasses and the help text agree -----------------------
+
+def test_pyproject_app_config_is_the_configs_keys_and_defaults() -> None:
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = as_run_config(JobConfig(), SimulationConfig())
+    assert list(app_config) == list(defaults)  # same keys, same order
+    for key, value in app_config.items():
+        assert value == defaults[key], key
+        assert type(value) is type(defaults[key]), key
+    assert JobConfig.from_run_config(app_config) == JobConfig()
+    assert SimulationConfig.from_run_config(app_config) == SimulationConfig()
+
+
+def test_every_field_has_help_and_the_help_text_lists_every_key() -> None:
+    text = run_config_help()
+    for cls in (JobConfig, SimulationConfig):
+        for f in settings_fields(cls):
+            assert f.spec.help.strip(), f.key
+            assert f"  {f.key} (" in text
+            assert run_config_key_help(f.key) == f.spec.help
+    assert '  batch-size (int, default 64; positive)\n      expected (Poisson) batch size' in text
+    assert "  finetune (string, default \"lora\"; one of lora, full)" in text
+    with pytest.raises(ConfigError, match="batch_size"):
+        run_config_key_help("batch_size")

@@ -58,24 +58,50 @@ def test_no_policy_table_approves_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("policy", "message"), [
-    ('policy = "open"\n', "must be a table"),
-    ("[policy]\nallow_all = true\n", "unknown key"),
-    ('[policy]\napproved_apps = "installed"\n', "must be a list"),
-    ('[policy]\napproved_apps = ["sha256:1234"]\n', "is not an app digest"),
-    ("[policy]\nmax_epsilon_per_job = 0\n", "must be a positive number"),
-    ("[policy]\nmax_epsilon_per_job = true\n", "must be a positive number"),
-    ("[policy]\nmax_rounds_per_job = 1.5\n", "must be a positive integer"),
-    ("[policy]\nmax_rounds_per_job = -1\n", "must be a positive integer"),
-    ('[policy]\nserver_fingerprint = "sha256:xyz"\n', "is not a SHA-256 certificate fingerprint"),
+    ('policy = "open"\n', "'policy' must be a table"),
+    ("[policy]\nallow_all = true\n", r"\[policy\]: unknown key\(s\) \['allow_all'\]"),
+    ('[policy]\napproved_apps = "installed"\n', r"\[policy\]: key 'approved_apps' must be a list"),
+    ('[policy]\napproved_apps = ["sha256:1234"]\n', "'approved_apps' is invalid: 'sha256:1234' is not an app digest"),
+    ("[policy]\nmax_epsilon_per_job = 0\n", "'max_epsilon_per_job' must be positive, got 0"),
+    ("[policy]\nmax_epsilon_per_job = true\n", "'max_epsilon_per_job' must be a number"),
+    ('[policy]\nmax_epsilon_per_job = "inf"\n', "'max_epsilon_per_job' must be a number"),
+    ("[policy]\nmax_epsilon_per_job = inf\n", "'max_epsilon_per_job' must be finite"),
+    ("[policy]\nmax_rounds_per_job = 1.5\n", "'max_rounds_per_job' must be an integer"),
+    ("[policy]\nmax_rounds_per_job = -1\n", "'max_rounds_per_job' must be positive"),
+    ('[policy]\nserver_fingerprint = "sha256:xyz"\n', "'server_fingerprint' is invalid: .* is not a SHA-256 "
+                                                       "certificate fingerprint"),
+    ("[policy]\nserver_fingerprint = 3\n", "'server_fingerprint' must be a string"),
 ])
 def test_bad_policy_values_are_refused_naming_the_key(tmp_path: Path, policy: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         _site(tmp_path, policy)
+    assert str(tmp_path / "site.toml") in str(info.value)  # the message names the file
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_rounds_per_job": 0}, "Site policy key 'max_rounds_per_job' must be positive, got 0"),
+    ({"max_epsilon_per_job": -1.0}, "Site policy key 'max_epsilon_per_job' must be positive"),
+    ({"approved_apps": ("md5:00",)}, "Site policy key 'approved_apps' is invalid"),
+    ({"server_fingerprint": "nope"}, "Site policy key 'server_fingerprint' is invalid"),
+])
+def test_a_policy_checks_itself_when_constructed(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SitePolicy(**kwargs)
+
+
+def test_a_constructed_policy_is_normalised() -> None:
+    policy = SitePolicy(approved_apps=["installed", "CD" * 32], max_epsilon_per_job=2,
+                        server_fingerprint="sha256:" + ":".join(["AB"] * 32))
+    assert policy.approved_apps == (INSTALLED, "sha256:" + "cd" * 32)
+    assert policy.max_epsilon_per_job == 2.0
+    assert isinstance(policy.max_epsilon_per_job, float)
+    assert policy.server_fingerprint == "ab" * 32
+    assert SitePolicy() == SitePolicy(approved_apps=(), max_epsilon_per_job=None, max_rounds_per_job=None)
 
 
 def test_digest_normalisation() -> None:
     assert normalise_digest("AB" * 32) == "sha256:" + "ab" * 32
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="is not an app digest"):
         normalise_digest("md5:" + "ab" * 16)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client.site import SiteConfig
+from client.site import SiteConfig, site_config_help
 from common.errors import ConfigError
 
 VALID = """\
@@ -145,9 +145,69 @@ def test_blank_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("old", "new"),
-    [('"data/notes.csv"', "5"), ("epsilon = 4.0", 'epsilon = "four"'), ('"cardiology"', "3")],
+    ("old", "new", "message"),
+    [
+        ('"data/notes.csv"', "5", "key 'data' must be a string, got 5"),
+        ("epsilon = 4.0", 'epsilon = "four"', "key 'epsilon' must be a number, got 'four'"),
+        ('"cardiology"', "3", "key 'name' must be a string, got 3"),
+        ("ledger", 'require_secagg = "false"\nledger', "key 'require_secagg' must be true or false, got 'false'"),
+        ("ledger", "split_seed = 1.0\nledger", "key 'split_seed' must be an integer, got 1.0"),
+        ("ledger", 'server = ["a"]\nledger', "key 'server' must be a string"),
+    ],
 )
-def test_wrong_value_types_raise_config_error(tmp_path: Path, old: str, new: str) -> None:
-    with pytest.raises(ConfigError):
-        SiteConfig.from_toml(_write(tmp_path, VALID.replace(old, new)))
+def test_wrong_value_types_raise_config_error(tmp_path: Path, old: str, new: str, message: str) -> None:
+    """A site's TOML is typed strictly (no 'false' strings for bools, unlike the run config)."""
+    path = _write(tmp_path, VALID.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message) as info:
+        SiteConfig.from_toml(path)
+    assert str(path) in str(info.value)
+
+
+def _direct(**overrides: object) -> SiteConfig:
+    kwargs: dict = {"name": "cardiology", "data": "hutto", "epsilon": 4.0, "delta": 1e-6, "ledger": "l.json"}
+    return SiteConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epsilon": 0.0}, "Site config key 'epsilon' must be positive, got 0.0"),
+        ({"epsilon": float("inf")}, "Site config key 'epsilon' must be finite"),
+        ({"delta": 1}, r"Site config key 'delta' must be in \(0, 1\), got 1"),
+        ({"name": " "}, "Site config key 'name' must not be empty"),
+        ({"ledger": ""}, "Site config key 'ledger' must not be empty"),
+        ({"accountant": "moments"}, "Site config key 'accountant' must be one of"),
+        ({"test_fraction": 0}, "Site config key 'test_fraction' must be in"),
+        ({"require_secagg": 1}, "Site config key 'require_secagg' must be true or false"),
+        ({"policy": {"approved_apps": []}}, "Site config key 'policy' must be a table"),
+    ],
+)
+def test_direct_construction_is_checked_too(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _direct(**overrides)
+
+
+def test_direct_construction_same_message_as_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as direct:
+        _direct(delta=2.5)
+    with pytest.raises(ConfigError) as loaded:
+        SiteConfig.from_toml(_write(tmp_path, VALID.replace("delta = 1e-6", "delta = 2.5")))
+    assert str(loaded.value).endswith(str(direct.value).removeprefix("Site config "))
+
+
+def test_direct_construction_normalises_numbers() -> None:
+    cfg = _direct(epsilon=4)
+    assert cfg.epsilon == 4.0
+    assert isinstance(cfg.epsilon, float)
+
+
+def test_site_config_help_lists_every_key() -> None:
+    from client.policy import SitePolicy
+    from common.settings import settings_fields
+
+    text = site_config_help()
+    for cls in (SiteConfig, SitePolicy):
+        for f in settings_fields(cls):
+            assert f"\n  {f.key} (" in text
+    assert "  epsilon (float, required; positive)\n      the site's total privacy budget" in text
+    assert "  max_rounds_per_job (int, default absent; positive)" in text
