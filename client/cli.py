@@ -66,14 +66,18 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`client start` and `budget`."""
+    from client.site import site_config_help
+
     client = sub.add_parser("client", help="run a department's client (Flower SuperNode)")
     csub = client.add_subparsers(dest="client_command", required=True)
-    cstart = csub.add_parser("start", help="connect this department to the server, from its site config")
+    cstart = csub.add_parser("start", help="connect this department to the server, from its site config",
+                             epilog=site_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     cstart.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     cstart.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     cstart.add_argument("--max-retries", type=int, help="give up after this many connection attempts")
     cstart.set_defaults(func=_cmd_client_start)
-    b = sub.add_parser("budget", help="show a site's privacy ledger (spent, remaining, per round) and egress log")
+    b = sub.add_parser("budget", help="show a site's privacy ledger (spent, remaining, per round) and egress log",
+                       epilog=site_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--site-config", type=Path, required=True, help="the site's TOML config")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.add_argument("--check", action="store_true",

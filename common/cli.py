@@ -59,9 +59,13 @@ def key_value(text: str) -> tuple[str, bool | int | float | str]:
 
 
 def add_config_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """`--config/-c KEY=VALUE` (repeatable)."""
+    """`--config/-c KEY=VALUE` (repeatable); the parser's epilog lists every run-config key with its help."""
+    from common.config import run_config_help
+
     parser.add_argument("--config", "-c", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                         help=help_text)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = run_config_help()
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:

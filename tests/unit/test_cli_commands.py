@@ -71,3 +71,14 @@ def test_config_values_are_typed() -> None:
         == {"dp": False, "clip-norm": 0.5, "model": "x"}
     with pytest.raises(SystemExit):
         _run_config(["simulate", "-c", "no-equals-sign"])
+
+
+@pytest.mark.parametrize("argv", [["simulate", "--help"], ["server", "run", "--help"], ["study", "utility", "--help"]])
+def test_help_lists_every_run_config_key(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    keys = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(argv)
+    out = capsys.readouterr().out
+    assert [k for k in keys if f"\n  {k} (" not in out] == []
