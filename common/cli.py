@@ -402,6 +402,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     from common.errors import FedsiloError
     from server.checkpoint import CHECKPOINT
     from server.deploy import submit_job
+    from server.records import read_report
     from server.report import REPORT_JSON
     from server.resume import resume_job
 
@@ -428,10 +429,9 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     status = submit_job(args.state_dir, rc, args.app)
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
-    report = json.loads((out / REPORT_JSON).read_text())
-    final = report["final"]
-    print(f"Job finished: {final.get('rounds_completed')} rounds, global accuracy {final.get('global_accuracy')}; "
-          f"report in {out}")
+    final = read_report(out / REPORT_JSON).final
+    print(f"Job finished: {final.rounds_completed if final else None} rounds, global accuracy "
+          f"{final.global_accuracy if final else None}; report in {out}")
     return 0 if status == 0 else EXIT_ERROR
 
 

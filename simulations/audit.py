@@ -29,11 +29,12 @@ from common.accountant_check import check_ledger
 from common.config import JobConfig
 from common.data import resolve_job
 from common.errors import ConfigError, ModelError, ParameterMismatchError
+from common.files import write_atomic
 from common.model import build_model, device
 from common.params import set_trainable
 from common.text import encode, model_inputs
 from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from common.files import write_atomic
+from server.records import RunReport, read_report
 from server.report import REPORT_JSON
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def per_example_loss(model: torch.nn.Module, tokenizer: Any, texts: list[str], l
     return out
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], Checkpoint]:
+def _load_run(run_dir: Path) -> tuple[RunReport, Checkpoint]:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory.")
     report_path, checkpoint_path = run_dir / REPORT_JSON, run_dir / CHECKPOINT
@@ -131,13 +132,7 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], Checkpoint]:
     if not (run_dir / "sites").is_dir():
         raise ConfigError(f"{run_dir} is not a simulation's output (no sites/): the audit needs the departments' "
                           "data, which only a simulation has on this machine.")
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{run_dir}: cannot read the run's report: {exc}") from exc
-    if not isinstance(report, dict) or "config" not in report:
-        raise ConfigError(f"{run_dir}: unknown report format.")
-    return report, load_checkpoint(run_dir)
+    return read_report(report_path), load_checkpoint(run_dir)
 
 
 def _global_model(job: JobConfig, checkpoint: Checkpoint) -> tuple[torch.nn.Module, Any]:
@@ -179,7 +174,7 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap must be at least 0, got {bootstrap}.")
     report, checkpoint = _load_run(run_dir)
-    job, sim = resolve_job(report["config"])
+    job, sim = resolve_job(report.config)
     model, tokenizer = _global_model(job, checkpoint)
     sites = simulated_sites(job, sim, run_dir.resolve())
     results: dict[str, AttackResult] = {}
@@ -208,20 +203,21 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
                 ledgers[site.name] = [dataclasses.asdict(c) | {"relative_difference": c.relative_difference,
                                                                "agrees": c.agrees}
                                       for c in check_ledger(ledger.entries, ledger.delta, ledger.accountant)]
-    final = report.get("final", {})
+    final = report.final  # None: the run did not finish (the audit reads its last checkpoint)
+    epsilon = final.epsilon if final is not None else None
     audit = {
         "run_dir": str(run_dir.resolve()),
         "attack": "loss threshold (score = -cross-entropy of the global model); members = departments' training "
                   "rows, non-members = their held-out rows",
         "target_fpr": TARGET_FPR, "confidence": CONFIDENCE, "bootstrap": bootstrap,
-        "dp": final.get("dp"), "epsilon": final.get("epsilon"), "delta": final.get("delta"),
+        "dp": final.dp if final else None, "epsilon": epsilon, "delta": final.delta if final else None,
         "rounds": checkpoint.round,
         "results": {name: dataclasses.asdict(r) for name, r in results.items()},
         "accountant_check": ledgers,
     }
     out = out_dir or run_dir
     write_atomic(out / AUDIT_JSON, json.dumps(audit, indent=2, allow_nan=True).encode())
-    dp = f"DP, epsilon <= {max((e for e in (final.get('epsilon') or {}).values() if e is not None), default=0):.2f}" \
-        if final.get("dp") else "no DP"
+    dp = f"DP, epsilon <= {max((e for e in (epsilon or {}).values() if e is not None), default=0):.2f}" \
+        if final is not None and final.dp else "no DP"
     _plot(curves, out / ROC_PNG, f"Loss-threshold membership inference on the global model ({dp})")
     return audit

@@ -34,12 +34,13 @@ from client.train import train_round
 from common.config import check_known_keys
 from common.data import DEPARTMENT, LABEL, TEXT, load_source, resolve_job
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.model import build_model, device
 from common.privacy import sample_rate, steps_per_round
 from common.text import encode, evaluate
-from common.files import write_atomic
+from server.records import load_report
 from simulations.machine import describe, machine_line
-from simulations.run import simulate
+from simulations.run import SimulationFailedError, simulate
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,14 @@ def run_federated(rc: dict[str, Any], run_dir: Path, epsilon: float | None) -> A
     if epsilon is not None:
         arm_rc["sim-epsilon"] = epsilon
     start = time.perf_counter()
-    report = simulate(arm_rc, run_dir)
-    last = report["rounds"][-1]
-    per_dept = {n: d["accuracy"] for n, d in last["departments"].items() if d.get("accuracy") is not None}
-    spent = {n: e for n, e in report["final"]["epsilon"].items() if e is not None} if epsilon is not None else {}
-    return ArmRun(int(arm_rc.get("seed", 0)), float(report["final"]["global_accuracy"]), per_dept,
-                  time.perf_counter() - start, spent)
+    report = load_report(simulate(arm_rc, run_dir))
+    if report.final is None or report.final.global_accuracy is None:
+        raise SimulationFailedError(f"{run_dir}: the run's report has no final global accuracy.")
+    last = report.rounds[-1]
+    per_dept = {n: d.accuracy for n, d in last.departments.items() if d.accuracy is not None}
+    spent = {n: e for n, e in report.final.epsilon.items() if e is not None} if epsilon is not None else {}
+    return ArmRun(int(arm_rc.get("seed", 0)), report.final.global_accuracy, per_dept, time.perf_counter() - start,
+                  spent)
 
 
 def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEFAULT_EPSILONS,
