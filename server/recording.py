@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from flwr.common import EvaluateRes, FitRes, Scalar
 
@@ -59,8 +59,7 @@ def learn_name(recorder: RunRecorder, node_names: dict[int, str], node_id: int, 
                 dropout.department = name
 
 
-def fit_started(recorder: RunRecorder, server_round: int, seconds: float,
-                failures: list[tuple[object, FitRes] | BaseException]) -> RoundRecord:
+def fit_started(recorder: RunRecorder, server_round: int, seconds: float, failures: Sequence[object]) -> RoundRecord:
     """The round's record at aggregate_fit: its fit time and the departments whose fit failed."""
     record = recorder.round(server_round)
     record.fit_seconds = round(seconds, SECONDS_DIGITS)
@@ -98,7 +97,7 @@ def outcome(record: RoundRecord, decided: Outcome) -> None:
         record.keep_previous(decided.reason or "")
 
 
-def halt(recorder: RunRecorder, server_round: int, failures: list[BaseException], attempt: int,
+def halt(recorder: RunRecorder, server_round: int, failures: Sequence[BaseException], attempt: int,
          retries: int) -> None:
     """Secure aggregation halted the round (too few departments answered): its failures and attempts."""
     record = recorder.round(server_round)

@@ -29,8 +29,6 @@ from pydantic import (
 
 from common.errors import ConfigError
 
-SCHEMA_ID = "https://fedsilo.invalid/report.schema.json"
-
 
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
@@ -213,7 +211,7 @@ def _describe(error: Any) -> str:
 def report_schema() -> dict[str, Any]:
     """The JSON schema of report.json (what `load_report` accepts)."""
     schema = RunReport.model_json_schema(mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def schema_text() -> str:
