@@ -19,6 +19,7 @@ from common.params import get_trainable
 from common.paths import run_out_dir
 from server.checkpoint import save_checkpoint
 from server.memory import PeakMemoryMonitor
+from server.recording import run_summary
 from server.report import RunRecorder
 from server.resume import resume_state
 from server.secagg import run_workflow
@@ -85,20 +86,13 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
             checkpoint(initial, 0)  # from now on the run can be resumed, even before its first round ends
         with memory:
             run_workflow(grid, context, job, strategy, completed)
-        last = recorder.rounds[-1] if recorder.rounds else None
-        eps = {name: d.epsilon for name, d in sorted(last.departments.items())} if last else {}
-        recorder.final.update({
-            "global_accuracy": recorder.final.get("central_global_accuracy",
-                                                  last.global_accuracy if last else None),
-            "federated_global_accuracy": last.global_accuracy if last else None,
-            "epsilon": eps, "delta": sites.delta if sites is not None else None, "dp": job.dp,
-            "secure_aggregation": job.secagg, "rounds_completed": len(recorder.rounds),
-        })
+        final = run_summary(recorder, delta=sites.delta if sites is not None else None, dp=job.dp,
+                            secure_aggregation=job.secagg)
         if job.dp:
             accountants = (sites.accountants if sites is not None
                            else {"each site's ledger accountant (default rdp)"})
-            recorder.final["privacy"] = privacy_statement(eps, sites.delta if sites is not None else None,
-                                                          ", ".join(sorted(accountants)))
+            final.privacy = privacy_statement(final.epsilon, final.delta, ", ".join(sorted(accountants)))
+        recorder.report.final = final
         recorder.write()
         recorder.plot()
 

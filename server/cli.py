@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ def _cmd_server_nodes(args: argparse.Namespace) -> int:
 def _cmd_server_run(args: argparse.Namespace) -> int:
     from server.checkpoint import CHECKPOINT
     from server.deploy import submit_job
+    from server.records import read_report
     from server.report import REPORT_JSON
     from server.resume import resume_job
 
@@ -56,10 +56,12 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     status = submit_job(args.state_dir, rc, args.app)
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
-    report = json.loads((out / REPORT_JSON).read_text())
-    final = report["final"]
-    print(f"Job finished: {final.get('rounds_completed')} rounds, global accuracy {final.get('global_accuracy')}; "
-          f"report in {out}")
+    final = read_report(out / REPORT_JSON).final
+    if final is None:
+        raise FedsiloError(f"The job ended (flwr exit status {status}) before its last round: {out / REPORT_JSON} "
+                           "records the rounds it completed, but no final result; see the log above, and continue "
+                           f"it with --resume {out}.")
+    print(f"Job finished: {final.rounds_completed} rounds, global accuracy {final.global_accuracy}; report in {out}")
     return 0 if status == 0 else EXIT_ERROR
 
 

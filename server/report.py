@@ -9,12 +9,12 @@ import csv
 import io
 import json
 import logging
-import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from common.files import write_atomic
+from server.records import DepartmentSize, RoundRecord, RunReport, RunSummary, dump_report
 
 log = logging.getLogger(__name__)
 
@@ -24,87 +24,44 @@ ACCURACY_PNG = "accuracy.png"
 EPSILON_PNG = "epsilon.png"
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-@dataclass
-class DepartmentRound:
-    status: str
-    epsilon: float | None = None
-    accuracy: float | None = None
-    n_test: int | None = None
-    reason: str | None = None
-    train_seconds: float | None = None  # the department's own local-training time this round (fit metric)
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    seconds: float = 0.0  # configure_fit to the end of federated evaluation
-    fit_seconds: float = 0.0  # configure_fit to aggregate_fit: the training round, SecAgg+ stages included
-    global_accuracy: float | None = None
-    departments: dict[str, DepartmentRound] = field(default_factory=dict)
-    failures: int = 0
-    aggregate: str = "pending"  # "applied" | "kept_previous: <why>"
-    errors: list[str] = field(default_factory=list)  # failure messages of departments this round
-    dropouts: list[dict[str, Any]] = field(default_factory=list)  # {department, node_id, stage, attempt}
-    attempts: int = 1  # fit attempts (a round whose secure aggregation halted may be retried)
-    peak_rss_mb: float | None = None  # peak resident memory of the server's process tree during the round
-    update_norm: float | None = None  # L2 norm of the applied global update (new global - previous), if applied
-
-
-@dataclass
 class RunRecorder:
-    config: dict[str, Any]
-    out_dir: Path | None
-    departments: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {n_train, n_test}
-    rounds: list[RoundRecord] = field(default_factory=list)
-    final: dict[str, Any] = field(default_factory=dict)
-    budget: float | None = None  # one budget shared by every site (simulation), drawn on the epsilon plot
-    resumes: list[dict[str, Any]] = field(default_factory=list)  # {after_round, versions} per `--resume`
+    """The run's report as it is recorded (`report`, a typed `RunReport`), where it is written (`out_dir`, None:
+    nowhere) and the budget line of the epsilon plot (`budget`: one budget shared by every site, simulation)."""
 
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any], config: dict[str, Any], out_dir: Path | None,
-                  budget: float | None) -> RunRecorder:
-        """The recorder of a run being resumed: its rounds as recorded in `doc` (a `to_dict()` snapshot)."""
-        rounds = []
-        for r in doc["rounds"]:
-            rec = RoundRecord(round=int(r["round"]), seconds=float(r["seconds"]),
-                              global_accuracy=r["global_accuracy"], failures=int(r["failures"]),
-                              aggregate=str(r["aggregate"]), errors=list(r["errors"]),
-                              dropouts=list(r.get("dropouts", [])), attempts=int(r.get("attempts", 1)),
-                              peak_rss_mb=r.get("peak_rss_mb"), update_norm=r.get("update_norm"))
-            rec.departments = {n: DepartmentRound(**d) for n, d in r["departments"].items()}
-            rounds.append(rec)
-        return cls(config=config, out_dir=out_dir, departments={n: dict(v) for n, v in doc["departments"].items()},
-                   rounds=rounds, budget=budget, resumes=list(doc.get("resumes", [])))
+    def __init__(self, config: Mapping[str, Any], out_dir: Path | None, budget: float | None = None, *,
+                 report: RunReport | None = None) -> None:
+        self.report = report if report is not None else RunReport(config=dict(config))
+        self.out_dir = out_dir
+        self.budget = budget
+        self.central_accuracy: float | None = None  # central evaluation after the last round (simulation)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.report.config
+
+    @property
+    def departments(self) -> dict[str, DepartmentSize]:
+        return self.report.departments
+
+    @property
+    def rounds(self) -> list[RoundRecord]:
+        return self.report.rounds
+
+    @property
+    def final(self) -> RunSummary | None:
+        return self.report.final
 
     def round(self, server_round: int) -> RoundRecord:
         if not self.rounds or self.rounds[-1].round != server_round:
             self.rounds.append(RoundRecord(round=server_round))
         return self.rounds[-1]
 
-    def department(self, name: str) -> dict[str, int]:
-        return self.departments.setdefault(name, {"n_train": 0, "n_test": 0})
+    def department(self, name: str) -> DepartmentSize:
+        return self.departments.setdefault(name, DepartmentSize())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "departments": self.departments,
-            "rounds": [
-                {"round": r.round, "seconds": round(r.seconds, 3), "fit_seconds": round(r.fit_seconds, 3),
-                 "global_accuracy": _finite(r.global_accuracy),
-                 "failures": r.failures, "aggregate": r.aggregate, "errors": r.errors,
-                 "attempts": r.attempts, "dropouts": r.dropouts, "peak_rss_mb": r.peak_rss_mb,
-                 "update_norm": r.update_norm,
-                 "departments": {n: {k: v for k, v in vars(d).items() if v is not None or k != "reason"}
-                                 for n, d in sorted(r.departments.items())}}
-                for r in self.rounds
-            ],
-            "resumes": self.resumes,
-            "final": self.final,
-        }
+        """The report as a JSON document (report.json's content)."""
+        return dump_report(self.report)
 
     def write(self) -> None:
         if self.out_dir is None:

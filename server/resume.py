@@ -8,11 +8,11 @@ remaining budget over the remaining rounds, which the resumed run numbers as the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from common.config import RunConfig
 from common.errors import ConfigError
 from server.checkpoint import load_checkpoint, resume_config, warn_on_version_change
+from server.records import ResumeRecord, RunReport, load_report, read_report
 from server.report import REPORT_JSON, RunRecorder
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,9 @@ def resume_job(run_dir: Path, asked: RunConfig) -> dict[str, bool | int | float 
     rc = resume_config(load_checkpoint(run_dir).run_config, {**asked, "out-dir": str(run_dir.resolve())}, run_dir)
     report = run_dir / REPORT_JSON
     try:
-        finished = report.exists() and bool(json.loads(report.read_text(encoding="utf-8")).get("final"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Cannot resume: {report} is unreadable ({exc}).") from exc
+        finished = report.exists() and read_report(report).final is not None
+    except ConfigError as exc:
+        raise ConfigError(f"Cannot resume: {exc}") from exc
     if finished:
         raise ConfigError(f"{run_dir}: the run already completed its {rc['num-server-rounds']} rounds; "
                           "nothing to resume.")
@@ -54,11 +55,22 @@ def resume_state(run_dir: Path, model: torch.nn.Module, run_config: RunConfig,
     resume_config(ckpt.run_config, run_config, run_dir)
     warn_on_version_change(ckpt.versions)
     initial = ckpt.arrays_for(model)
-    report = {**ckpt.report, "rounds": [r for r in ckpt.report.get("rounds", []) if r["round"] <= ckpt.round]}
-    recorder = (RunRecorder.from_dict(report, dict(run_config), run_dir, budget) if "departments" in report
-                else RunRecorder(config=dict(run_config), out_dir=run_dir, budget=budget))
-    recorder.resumes.append({"after_round": ckpt.round, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "checkpoint_versions": ckpt.versions})
+    recorder = RunRecorder(run_config, run_dir, budget, report=_report_so_far(ckpt.report, ckpt.round, run_config))
+    recorder.report.resumes.append(ResumeRecord(after_round=ckpt.round, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                checkpoint_versions=ckpt.versions))
     log.info("resume: %s: continuing after round %d of %s", run_dir, ckpt.round,
              run_config.get("num-server-rounds"))
     return ResumeStart(initial, recorder, ckpt.round)
+
+
+def _report_so_far(saved: dict[str, Any], completed: int, run_config: RunConfig) -> RunReport:
+    """The checkpoint's report with rounds 1..`completed`, every field as recorded; the run config is the
+    resumed job's (it may differ in what `MAY_DIFFER_ON_RESUME` allows) and the run has not ended."""
+    if not saved:  # a checkpoint written before round 1 ended
+        return RunReport(config=dict(run_config))
+    try:
+        report = load_report({**saved, "final": None})
+    except ConfigError as exc:
+        raise ConfigError(f"Cannot resume: the checkpoint's report: {exc}") from exc
+    return report.model_copy(update={"config": dict(run_config),
+                                     "rounds": [r for r in report.rounds if r.round <= completed]})

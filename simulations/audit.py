@@ -175,20 +175,21 @@ def audit_run(run_dir: Path, *, out_dir: Path | None = None, bootstrap: int = 10
             ledgers[name] = [dataclasses.asdict(c) | {"relative_difference": c.relative_difference,
                                                       "agrees": c.agrees}
                              for c in check_ledger(ledger.entries, ledger.delta, ledger.accountant)]
-    final = report.get("final", {})
+    final = report.final  # None: the run did not finish (the audit reads its last checkpoint)
+    epsilon = final.epsilon if final is not None else None
     audit = {
         "run_dir": str(run_dir.resolve()),
         "attack": "loss threshold (score = -cross-entropy of the global model); members = departments' training "
                   "rows, non-members = their held-out rows",
         "target_fpr": TARGET_FPR, "confidence": CONFIDENCE, "bootstrap": bootstrap,
-        "dp": final.get("dp"), "epsilon": final.get("epsilon"), "delta": final.get("delta"),
+        "dp": final.dp if final else None, "epsilon": epsilon, "delta": final.delta if final else None,
         "rounds": checkpoint.round,
         "results": {name: dataclasses.asdict(r) for name, r in results.items()},
         "accountant_check": ledgers,
     }
     out = out_dir or run_dir
     write_atomic(out / AUDIT_JSON, json.dumps(audit, indent=2, allow_nan=True).encode())
-    dp = f"DP, epsilon <= {max((e for e in (final.get('epsilon') or {}).values() if e is not None), default=0):.2f}" \
-        if final.get("dp") else "no DP"
+    dp = f"DP, epsilon <= {max((e for e in (epsilon or {}).values() if e is not None), default=0):.2f}" \
+        if final is not None and final.dp else "no DP"
     _plot(curves, out / ROC_PNG, f"Loss-threshold membership inference on the global model ({dp})")
     return audit

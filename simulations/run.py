@@ -7,7 +7,6 @@ Ray is started and shut down by Flower's simulation runtime.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from common.params import set_trainable
 from common.text import encode, evaluate
 from server.app import SimulatedSites, build_server_app
 from server.checkpoint import CHECKPOINT
+from server.records import AggregateStatus, dump_report, read_report
 from server.report import REPORT_JSON, RunRecorder
 from server.resume import resume_job
 from server.strategy import CentralEval
@@ -100,7 +100,8 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
              resume: bool = False, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
-    """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report.
+    """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report (report.json's
+    document; `server.records.load_report` types it).
 
     `client_mods` run around every department's ClientApp (outermost first), as Flower client mods.
     Raises on bad config or if the rounds did not complete.
@@ -121,12 +122,12 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
     report_path = out_dir / REPORT_JSON
     if not report_path.exists():
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")
-    report: dict[str, Any] = json.loads(report_path.read_text())
-    applied = [r for r in report["rounds"] if r["aggregate"] == "applied"]
-    if len(report["rounds"]) < job.num_server_rounds or not applied:
-        errors = [e for r in report["rounds"] for e in r.get("errors", [])]
+    report = read_report(report_path)
+    applied = [r for r in report.rounds if r.aggregate is AggregateStatus.APPLIED]
+    if len(report.rounds) < job.num_server_rounds or not applied:
+        errors = [e for r in report.rounds for e in r.errors]
         raise SimulationFailedError(
-            f"The simulation completed {len(report['rounds'])} of {job.num_server_rounds} rounds and applied "
+            f"The simulation completed {len(report.rounds)} of {job.num_server_rounds} rounds and applied "
             f"{len(applied)} aggregate(s). First department error: {errors[0] if errors else 'none recorded'}"
         )
-    return report
+    return dump_report(report)

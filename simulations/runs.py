@@ -6,10 +6,8 @@ directory holds its departments' ledgers under `sites/`; a deployment's holds no
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -22,6 +20,7 @@ from common.errors import ConfigError, ModelError, ParameterMismatchError
 from common.model import build_model
 from common.params import set_trainable
 from server.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
+from server.records import RunReport, read_report
 from server.report import REPORT_JSON
 
 SITES_DIR = "sites"
@@ -30,7 +29,7 @@ SITES_DIR = "sites"
 @dataclass(frozen=True)
 class FinishedRun:
     run_dir: Path
-    report: dict[str, Any]
+    report: RunReport
     checkpoint: Checkpoint
     job: JobConfig
     sim: SimulationConfig
@@ -48,14 +47,9 @@ def load_run(run_dir: Path) -> FinishedRun:
     for path in (report_path, checkpoint_path):
         if not path.is_file():
             raise ConfigError(f"{run_dir} holds no {path.name}: not the output directory of a finished run.")
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{run_dir}: cannot read the run's report: {exc}") from exc
-    if not isinstance(report, dict) or not isinstance(report.get("config"), dict):
-        raise ConfigError(f"{run_dir}: unknown report format.")
+    report = read_report(report_path)
     checkpoint = load_checkpoint(run_dir)
-    job, sim = resolve_job(checkpoint.run_config or report["config"])
+    job, sim = resolve_job(checkpoint.run_config or report.config)
     return FinishedRun(run_dir=run_dir, report=report, checkpoint=checkpoint, job=job, sim=sim)
 
 

@@ -38,8 +38,9 @@ from common.files import write_atomic
 from common.model import build_model, device
 from common.privacy import sample_rate, steps_per_round
 from common.text import encode, evaluate
+from server.records import load_report
 from simulations.machine import describe, machine_line
-from simulations.run import simulate
+from simulations.run import SimulationFailedError, simulate
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,35 @@ def run_federated(rc: dict[str, Any], run_dir: Path, epsilon: float | None) -> A
     if epsilon is not None:
         arm_rc["sim-epsilon"] = epsilon
     start = time.perf_counter()
-    report = simulate(arm_rc, run_dir)
-    last = report["rounds"][-1]
-    per_dept = {n: d["accuracy"] for n, d in last["departments"].items() if d.get("accuracy") is not None}
-    spent = {n: e for n, e in report["final"]["epsilon"].items() if e is not None} if epsilon is not None else {}
-    return ArmRun(int(arm_rc.get("seed", 0)), float(report["final"]["global_accuracy"]), per_dept,
-                  time.perf_counter() - start, spent)
+    report = load_report(simulate(arm_rc, run_dir))
+    if report.final is None or report.final.global_accuracy is None:
+        raise SimulationFailedError(f"{run_dir}: the run's report has no final global accuracy.")
+    last = report.rounds[-1]
+    per_dept = {n: d.accuracy for n, d in last.departments.items() if d.accuracy is not None}
+    spent = {n: e for n, e in report.final.epsilon.items() if e is not None} if epsilon is not None else {}
+    return ArmRun(int(arm_rc.get("seed", 0)), report.final.global_accuracy, per_dept, time.perf_counter() - start,
+                  spent)
+
+
+def _check_study_args(rc: dict[str, Any], epsilons: Sequence[float], repeats: int) -> None:
+    fixed = sorted(set(rc) & set(FIXED_BY_STUDY))
+    if fixed:
+        raise ConfigError(f"The utility study sets {', '.join(fixed)} itself; do not pass them.")
+    if not epsilons or any(e <= 0 for e in epsilons):
+        raise ConfigError(f"The study needs positive epsilons, got {list(epsilons)}.")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
+    check_known_keys(rc)
+
+
+def _restore(study: Study, saved: dict[str, Any], epsilons: Sequence[float], base_seed: int, out_dir: Path) -> None:
+    """`study` (new, with this invocation's settings) continues the saved one: same settings required."""
+    if saved["budget"] != study.budget or {k: v for k, v in saved["config"].items() if k != "epsilons"} != {
+            k: v for k, v in study.config.items() if k != "epsilons"}:
+        raise ConfigError(f"--resume: {out_dir / STUDY_JSON} was made with other settings; use the same ones.")
+    study.machine = saved["machine"]
+    study.arms = [Arm.from_dict(a, base_seed) for a in saved["arms"]]
+    study.config["epsilons"] = sorted({*saved["config"]["epsilons"], *epsilons})
 
 
 def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEFAULT_EPSILONS,
@@ -228,14 +252,7 @@ def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEF
     finished; `resume` runs only the runs that study.json lacks (same settings required; more repeats or other
     epsilons may be asked for, and the arms already there are kept).
     """
-    fixed = sorted(set(rc) & set(FIXED_BY_STUDY))
-    if fixed:
-        raise ConfigError(f"The utility study sets {', '.join(fixed)} itself; do not pass them.")
-    if not epsilons or any(e <= 0 for e in epsilons):
-        raise ConfigError(f"The study needs positive epsilons, got {list(epsilons)}.")
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
-    check_known_keys(rc)
+    _check_study_args(rc, epsilons, repeats)
     saved: dict[str, Any] | None = None
     if (out_dir / STUDY_JSON).exists():
         if not resume:
@@ -255,12 +272,7 @@ def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEF
               "epsilons": sorted(epsilons), "overrides": rc}
     study = Study(config=config, budget=budget, machine=describe())
     if saved is not None:
-        if saved["budget"] != budget or {k: v for k, v in saved["config"].items() if k != "epsilons"} != {
-                k: v for k, v in config.items() if k != "epsilons"}:
-            raise ConfigError(f"--resume: {out_dir / STUDY_JSON} was made with other settings; use the same ones.")
-        study.machine = saved["machine"]
-        study.arms = [Arm.from_dict(a, job.seed) for a in saved["arms"]]
-        study.config["epsilons"] = sorted({*saved["config"]["epsilons"], *epsilons})
+        _restore(study, saved, epsilons, job.seed, out_dir)
     log.info("study: budget %s", budget)
     steps = int(budget["total_steps"])
     arms: list[tuple[str, float | None]] = [(CENTRALIZED, None), (FEDERATED, None)]

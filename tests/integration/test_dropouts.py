@@ -126,7 +126,7 @@ def test_round_below_threshold_fails_and_is_recorded(run: tuple[Path, dict[str, 
     out, report = run
     r5 = report["rounds"][4]
     assert r5["attempts"] == 2
-    assert r5["aggregate"].startswith("kept_previous: secure aggregation halted")
+    assert r5["aggregate"] == "kept_previous" and r5["aggregate_reason"].startswith("secure aggregation halted")
     assert _dropouts(report, 5) == [(n, "setup", a) for n in ("cardiology", "radiology") for a in (1, 2)]
     assert any("crashed in round 5" in e for e in r5["errors"])
     assert r5["departments"]["cardiology"]["status"] == keys.STATUS_DROPPED

@@ -104,6 +104,11 @@ def test_sigkill_after_a_round_then_resume(tmp_path: Path) -> None:
     assert [r["after_round"] for r in report["resumes"]] == [killed_after]
     assert all(r["aggregate"] == "applied" for r in report["rounds"])
     assert load_checkpoint(out).round == ROUNDS
+    # The rounds completed before the kill keep every field they had (fit_seconds was once reset to 0.0).
+    killed = json.loads(before[out / REPORT_JSON])
+    kept = [r for r in killed["rounds"] if r["round"] <= killed_after]
+    assert [r for r in report["rounds"] if r["round"] <= killed_after] == kept
+    assert all(r["fit_seconds"] > 0 for r in report["rounds"])
 
     for name in DEPARTMENTS:
         ledger = LedgerFile(out / "sites" / name / "ledger.json", name, BUDGET, 1e-5, "rdp").read()

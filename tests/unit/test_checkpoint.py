@@ -17,10 +17,12 @@ from common.errors import ConfigError, ParameterMismatchError
 from common.model import build_model
 from common.params import get_trainable
 from server.checkpoint import CHECKPOINT, MAY_DIFFER_ON_RESUME, load_checkpoint, resume_config, save_checkpoint
-from server.report import DepartmentRound, RunRecorder
+from server.recording import failure_text
+from server.records import AggregateStatus, DepartmentRound, Dropout, ResumeRecord, load_report
+from server.report import RunRecorder
 from server.resume import resume_state
 from server.secagg import skip_completed
-from server.strategy import FedSiloStrategy, failure_text
+from server.strategy import FedSiloStrategy
 
 JOB = JobConfig(model="tiny-random", labels="neg,pos", num_server_rounds=3)
 
@@ -32,12 +34,13 @@ def model():
 
 def _recorder(out: Path) -> RunRecorder:
     rec = RunRecorder(config={"num-server-rounds": 3}, out_dir=out, budget=8.0)
-    rec.department("a").update(n_train=10, n_test=3)
+    rec.department("a").n_train, rec.department("a").n_test = 10, 3
     r = rec.round(1)
-    r.seconds, r.global_accuracy, r.aggregate, r.peak_rss_mb = 1.5, 0.75, "applied", 123.4
+    r.seconds, r.fit_seconds, r.global_accuracy, r.peak_rss_mb = 1.5, 1.25, 0.75, 123.4
+    r.aggregate = AggregateStatus.APPLIED
     r.departments["a"] = DepartmentRound(status="trained", epsilon=1.0, accuracy=0.7, n_test=3)
     r.departments["b"] = DepartmentRound(status="dropped", reason="dropped out during unmask (attempt 1)")
-    r.dropouts.append({"department": "b", "node_id": 7, "stage": "unmask", "attempt": 1})
+    r.dropouts.append(Dropout(department="b", node_id=7, stage="unmask", attempt=1))
     return rec
 
 
@@ -61,8 +64,8 @@ def test_checkpoint_round_trip_describes_itself(tmp_path: Path, model) -> None:
 
 def test_recorder_round_trips_through_its_dict(tmp_path: Path) -> None:
     rec = _recorder(tmp_path)
-    again = RunRecorder.from_dict(rec.to_dict(), rec.config, tmp_path, rec.budget)
-    assert again.to_dict() == rec.to_dict()
+    again = load_report(rec.to_dict())
+    assert again == rec.report and again.rounds[0].fit_seconds == 1.25
 
 
 def test_weights_of_another_model_are_refused(tmp_path: Path, model) -> None:
@@ -105,10 +108,32 @@ def test_resume_state_keeps_completed_rounds_only(tmp_path: Path, model) -> None
     start = resume_state(tmp_path, model, as_run_config(JOB, SimulationConfig()), 8.0)
     assert start.completed == 1
     assert [r.round for r in start.recorder.rounds] == [1]
-    assert start.recorder.resumes[0]["after_round"] == 1
+    assert start.recorder.report.resumes[0].after_round == 1
     with pytest.raises(ConfigError, match="num-server-rounds"):
         resume_state(tmp_path, model, as_run_config(JobConfig(model="tiny-random", labels="neg,pos",
                                                               num_server_rounds=4), SimulationConfig()), 8.0)
+
+
+def test_resume_keeps_every_field_of_every_completed_round(tmp_path: Path, model) -> None:
+    rec = _recorder(tmp_path)
+    rec.report.resumes.append(ResumeRecord(after_round=0, time="2026-01-01T00:00:00+0000",
+                                           checkpoint_versions={"flwr": "1.41.0"}))
+    r2 = rec.round(2)
+    r2.seconds, r2.fit_seconds, r2.failures, r2.attempts, r2.update_norm = 3.5, 2.75, 1, 2, 0.25
+    r2.keep_previous("secure aggregation halted (too few departments)")
+    r2.errors.append("attempt 1: oncology died")
+    r2.departments["a"] = DepartmentRound(status="trained", epsilon=2.0, accuracy=0.8, n_test=3, train_seconds=1.5)
+    rec.round(3).fit_seconds = 9.0  # written to the report, but the crash came before its checkpoint
+    arrays = get_trainable(model)
+    run_config = as_run_config(JOB, SimulationConfig())
+    save_checkpoint(tmp_path, model, arrays, JOB, 2, run_config=run_config, report=rec.to_dict())
+    start = resume_state(tmp_path, model, run_config, 8.0)
+    assert start.recorder.rounds == rec.rounds[:2]  # every field of rounds 1 and 2, fit_seconds included
+    assert [r.fit_seconds for r in start.recorder.rounds] == [1.25, 2.75]
+    assert start.recorder.departments == rec.departments
+    assert start.recorder.report.resumes[0] == rec.report.resumes[0]
+    assert start.recorder.report.resumes[1].after_round == 2 and start.recorder.final is None
+    assert start.recorder.config == dict(run_config)
 
 
 def _context(current_round: int) -> Context:
@@ -138,12 +163,13 @@ def test_dropouts_and_halts_are_recorded_by_name(tmp_path: Path) -> None:
     strategy.record_dropouts(1, "unmask", {11})
     strategy.record_halt(1, [RuntimeError("\x1b[36mray::x\x1b[39m\\n trace\\nCrash: oncology died")], 1)
     record = strategy.recorder.round(1)
-    assert [(d["department"], d["stage"]) for d in record.dropouts] == [
+    assert [(d.department, d.stage) for d in record.dropouts] == [
         ("oncology", "collect_masked_vectors"), ("node-12", "collect_masked_vectors"), ("oncology", "unmask")]
     assert record.departments["oncology"].status == keys.STATUS_DROPPED
     assert record.attempts == 2  # one retry follows the halt
     assert record.errors == ["attempt 1: ray::x | trace | Crash: oncology died"]  # no colours, last lines
-    assert record.aggregate.startswith("kept_previous: secure aggregation halted")
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS
+    assert record.aggregate_reason == "secure aggregation halted (too few departments)"
 
 
 def test_failure_text_keeps_the_cause() -> None:
@@ -154,11 +180,10 @@ def test_failure_text_keeps_the_cause() -> None:
 def test_evaluation_dropouts_are_recorded(tmp_path: Path) -> None:
     strategy = FedSiloStrategy(JobConfig(num_server_rounds=2), [np.zeros(2, np.float32)], "fp",
                                RunRecorder({}, tmp_path))
-    strategy._asked["evaluate"] = {1, 2}
+    strategy.asked["evaluate"] = {1, 2}
     strategy.node_names.update({1: "a", 2: "b"})
-    strategy._record_missing(1, "evaluate", {1})
-    assert strategy.recorder.round(1).dropouts == [{"department": "b", "node_id": 2, "stage": "evaluate",
-                                                     "attempt": 1}]
+    strategy.record_missing(1, "evaluate", {1})
+    assert strategy.recorder.round(1).dropouts == [Dropout(department="b", node_id=2, stage="evaluate", attempt=1)]
 
 
 def test_cli_refuses_to_resume_a_different_job_and_writes_nothing(tmp_path: Path, model, capsys) -> None:

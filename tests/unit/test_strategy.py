@@ -10,8 +10,10 @@ from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameter
 
 from common import keys
 from common.config import JobConfig
+from common.updates import check_update
+from server.records import AggregateStatus, Dropout
 from server.report import RunRecorder
-from server.strategy import FedSiloStrategy, check_update
+from server.strategy import FedSiloStrategy
 
 OK = Status(code=Code.OK, message="")
 
@@ -42,9 +44,9 @@ def test_weighted_average_of_updates_is_added_to_the_global_model(strategy: FedS
     np.testing.assert_allclose(new[0], 1.0 + (10 * 1.0 + 30 * 4.0) / 40)
     np.testing.assert_allclose(new[1], 0.0 + (10 * 2.0 + 30 * -1.0) / 40)
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate == "applied"
+    assert record.aggregate is AggregateStatus.APPLIED and record.aggregate_reason is None
     assert record.departments["a"].status == "trained"
-    assert strategy.recorder.departments["b"]["n_train"] == 30
+    assert strategy.recorder.departments["b"].n_train == 30
 
 
 def test_declined_department_does_not_weigh_in(strategy: FedSiloStrategy) -> None:
@@ -62,7 +64,7 @@ def test_everyone_declined_keeps_the_previous_model(strategy: FedSiloStrategy) -
     new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [RuntimeError("node 3 died")])[0])
     np.testing.assert_array_equal(new[0], 1.0)
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate.startswith("kept_previous")
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == "no usable update"
     assert record.failures == 1 and "node 3 died" in record.errors[0]
 
 
@@ -89,7 +91,7 @@ def test_check_update_names_the_problem() -> None:
 
 
 def test_evaluation_gives_the_global_accuracy_and_finishes_the_round(strategy: FedSiloStrategy, tmp_path) -> None:
-    strategy._round_start = 0.0
+    strategy.round_start = 0.0
     res = [
         (_proxy(1), EvaluateRes(status=OK, loss=0.5, num_examples=10,
                                 metrics={keys.M_DEPARTMENT: "a", keys.M_ACCURACY: 0.9, keys.M_CORRECT: 9,
@@ -113,7 +115,7 @@ def test_a_department_that_dropped_before_answering_is_named_once_known(strategy
     first = strategy.recorder.rounds[0]
     assert "node-7" not in first.departments
     assert first.departments["radiology"].status == keys.STATUS_DROPPED
-    assert [d["department"] for d in first.dropouts] == ["radiology"]
+    assert first.dropouts == [Dropout(department="radiology", node_id=7, stage="setup", attempt=1)]
     assert strategy.recorder.round(2).update_norm == 0.0
 
 

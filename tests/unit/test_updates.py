@@ -25,6 +25,7 @@ from common.errors import ConfigError, InvalidUpdateError
 from common.model import BuiltModel
 from common.privacy import sample_rate
 from common.updates import check_update, update_norm
+from server.records import AggregateStatus
 from server.report import RunRecorder
 from server.strategy import FedSiloStrategy
 
@@ -157,7 +158,7 @@ def test_without_secagg_a_bad_update_is_rejected_by_name_and_the_job_goes_on(tmp
     new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [])[0])
     np.testing.assert_allclose(new[0], 1.5)  # only cardiology's update was applied
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate == "applied"
+    assert record.aggregate is AggregateStatus.APPLIED
     dept = record.departments["mallory"]
     assert dept.status == keys.STATUS_FAILED and dept.reason.startswith("rejected update") and reason in dept.reason
     # next round: mallory behaves, both count
@@ -186,7 +187,8 @@ def test_with_secagg_a_bad_aggregate_keeps_the_previous_model_and_says_why(tmp_p
     new = _secagg_round(strategy, 1, aggregate)
     np.testing.assert_array_equal(new[0], 1.0)  # previous global model kept
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate.startswith("kept_previous: unmasked aggregate unusable") and reason in record.aggregate
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS
+    assert record.aggregate_reason.startswith("unmasked aggregate unusable") and reason in record.aggregate_reason
     assert "round 1" in caplog.text and "unmasked aggregate is unusable" in caplog.text
     # no department is blamed: the server cannot know whose masked update broke the sum
     assert {d.status for d in record.departments.values()} == {keys.STATUS_TRAINED}
@@ -194,4 +196,4 @@ def test_with_secagg_a_bad_aggregate_keeps_the_previous_model_and_says_why(tmp_p
     new = _secagg_round(strategy, 2, [a.astype(np.float64) for a in GOOD])
     np.testing.assert_allclose(new[0], 1.5)
     assert new[0].dtype == np.float32
-    assert strategy.recorder.rounds[-1].aggregate == "applied"
+    assert strategy.recorder.rounds[-1].aggregate is AggregateStatus.APPLIED

@@ -1,0 +1,179 @@
+"""Recording a round into the run's report: what each department reported, who failed or dropped out (by name,
+once known), what the aggregation decided, and the run's summary at the end. Also the log lines that go with them.
+
+The strategy calls these; they change the `RunRecorder`'s typed records and never decide anything themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+from flwr.common import EvaluateRes, FitRes, Scalar
+
+from common import keys
+from server.aggregation import Outcome
+from server.records import AggregateStatus, DepartmentRound, Dropout, RoundRecord, RunSummary
+from server.report import RunRecorder
+
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FAILURE_TEXT_CHARS = 400
+HALTED = "secure aggregation halted (too few departments)"
+NO_AGGREGATE = "no aggregate (secure aggregation halted or no department trained)"
+SECONDS_DIGITS = 3  # timings are recorded to the millisecond
+
+
+def failure_text(exc: object) -> str:
+    """A department failure for the report: the end of its message (where the cause is), without the Ray
+    traceback and terminal colours that precede it in simulation."""
+    text = _ANSI.sub("", str(exc)).replace("\\n", "\n")
+    lines = [line.strip() for line in text.splitlines() if re.search(r"\w", line)]
+    tail = " | ".join(lines[-3:]) if lines else type(exc).__name__
+    return tail[-FAILURE_TEXT_CHARS:]
+
+
+def placeholder(node_id: int) -> str:
+    """A department's name in the report until it first says who it is."""
+    return f"node-{node_id}"
+
+
+def reported_name(metrics: Mapping[str, Scalar], node_id: int) -> str:
+    return str(metrics.get(keys.M_DEPARTMENT, placeholder(node_id)))
+
+
+def learn_name(recorder: RunRecorder, node_names: dict[int, str], node_id: int, name: str) -> None:
+    """Remember which department a node is; records made before it first answered (it dropped out before
+    saying who it is) are renamed from `node-<id>`."""
+    if node_names.get(node_id) == name:
+        return
+    node_names[node_id] = name
+    old = placeholder(node_id)
+    for record in recorder.rounds:
+        if old in record.departments:
+            record.departments.setdefault(name, record.departments.pop(old))
+        for dropout in record.dropouts:
+            if dropout.department == old:
+                dropout.department = name
+
+
+def fit_started(recorder: RunRecorder, server_round: int, seconds: float, failures: Sequence[object]) -> RoundRecord:
+    """The round's record at aggregate_fit: its fit time and the departments whose fit failed."""
+    record = recorder.round(server_round)
+    record.fit_seconds = round(seconds, SECONDS_DIGITS)
+    record.failures = len(failures)
+    for exc in failures:
+        log.warning("aggregate_fit: round %s: a department failed: %s", server_round, exc)
+        record.errors.append(failure_text(exc))
+    return record
+
+
+def fit_result(recorder: RunRecorder, record: RoundRecord, name: str, res: FitRes) -> DepartmentRound:
+    """A department's fit reply: its status, epsilon, reason, training time and training examples."""
+    metrics = res.metrics
+    status = str(metrics.get(keys.M_STATUS, keys.STATUS_FAILED))
+    recorder.department(name).n_train = int(metrics.get(keys.M_NUM_EXAMPLES, 0))
+    dept = DepartmentRound(status=status, epsilon=_number(metrics.get(keys.M_EPSILON)),
+                           reason=_text(metrics.get(keys.M_REASON)),
+                           train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)))
+    record.departments[name] = dept
+    return dept
+
+
+def rejected(dept: DepartmentRound, server_round: int, name: str, node_id: int, why: str) -> None:
+    """The server refused a department's own update (seen in the clear): it counts as failed, by name."""
+    dept.status, dept.reason = keys.STATUS_FAILED, f"rejected update: {why}"
+    log.error("aggregate_fit: round %s: rejected the update of %s (node %s): %s", server_round, name, node_id, why)
+
+
+def outcome(record: RoundRecord, decided: Outcome) -> None:
+    """What the aggregation decided for the round."""
+    if decided.applied:
+        record.aggregate, record.aggregate_reason = AggregateStatus.APPLIED, None
+        record.update_norm = decided.update_norm
+    else:
+        record.keep_previous(decided.reason or "")
+
+
+def halt(recorder: RunRecorder, server_round: int, failures: Sequence[BaseException], attempt: int,
+         retries: int) -> None:
+    """Secure aggregation halted the round (too few departments answered): its failures and attempts."""
+    record = recorder.round(server_round)
+    record.failures = len(failures)
+    # Another attempt follows while retries are left (secagg.ReportingSecAggPlusWorkflow).
+    record.attempts = max(record.attempts, min(attempt + 1, retries + 1))
+    record.errors.extend(f"attempt {attempt}: {failure_text(exc)}" for exc in failures)
+    record.keep_previous(HALTED)
+    log.error("round %s: secure aggregation halted (attempt %d); %d department failure(s)", server_round,
+              attempt, len(failures))
+
+
+def dropouts(recorder: RunRecorder, node_names: Mapping[int, str], server_round: int, stage: str,
+             node_ids: set[int], attempt: int) -> None:
+    """Departments that stopped answering in `stage` (a SecAgg+ stage, "train" or "evaluate")."""
+    record = recorder.round(server_round)
+    record.attempts = max(record.attempts, attempt)
+    for node_id in sorted(node_ids):
+        name = node_names.get(node_id, placeholder(node_id))
+        record.dropouts.append(Dropout(department=name, node_id=node_id, stage=stage, attempt=attempt))
+        if stage not in ("unmask", "evaluate"):  # its update was not aggregated
+            record.departments[name] = DepartmentRound(status=keys.STATUS_DROPPED,
+                                                       reason=f"dropped out during {stage} (attempt {attempt})")
+    log.warning("round %s: %d department(s) dropped out during %s (attempt %d): %s", server_round,
+                len(node_ids), stage, attempt, ", ".join(node_names.get(n, placeholder(n)) for n in sorted(node_ids)))
+
+
+def evaluation(recorder: RunRecorder, record: RoundRecord, name: str, res: EvaluateRes) -> None:
+    """A department's evaluation reply: the global model's accuracy on its test, its epsilon, its test size."""
+    dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+    dept.accuracy = float(res.metrics.get(keys.M_ACCURACY, 0.0))
+    epsilon = res.metrics.get(keys.M_EPSILON)
+    dept.epsilon = dept.epsilon if epsilon is None else _number(epsilon)
+    dept.n_test = res.num_examples
+    recorder.department(name).n_test = res.num_examples
+
+
+def round_finished(recorder: RunRecorder, record: RoundRecord, accuracy: float | None, seconds: float) -> None:
+    """The end of a round: departments that sent nothing count as failed, a round that never aggregated says so."""
+    for name in recorder.departments:
+        record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+    if record.aggregate is AggregateStatus.PENDING:
+        record.keep_previous(NO_AGGREGATE)
+    record.global_accuracy = accuracy
+    record.seconds = round(seconds, SECONDS_DIGITS)
+
+
+def log_round(record: RoundRecord, num_rounds: int, eval_failures: int) -> None:
+    parts = ", ".join(f"{n}: {d.status} eps={d.epsilon if d.epsilon is None else round(d.epsilon, 3)} "
+                      f"acc={d.accuracy if d.accuracy is None else round(d.accuracy, 3)}"
+                      for n, d in sorted(record.departments.items()))
+    accuracy = record.global_accuracy
+    log.info("round %s/%s: %.1fs, global accuracy %s, aggregate %s, %s evaluation failures; %s",
+             record.round, num_rounds, record.seconds, "n/a" if accuracy is None else f"{accuracy:.4f}",
+             record.describe_aggregate(), eval_failures, parts)
+
+
+def run_summary(recorder: RunRecorder, *, delta: float | None, dp: bool, secure_aggregation: bool) -> RunSummary:
+    """The run's end: the central accuracy if there is one (else the last round's federated one), each department's
+    epsilon after the last round, and what protected the updates. The privacy statement is the caller's."""
+    last = recorder.rounds[-1] if recorder.rounds else None
+    federated = last.global_accuracy if last else None
+    central = recorder.central_accuracy
+    return RunSummary(central_global_accuracy=central, global_accuracy=federated if central is None else central,
+                      federated_global_accuracy=federated,
+                      epsilon={name: d.epsilon for name, d in sorted(last.departments.items())} if last else {},
+                      delta=delta, dp=dp, secure_aggregation=secure_aggregation,
+                      rounds_completed=len(recorder.rounds))
+
+
+def _number(value: Scalar | None) -> float | None:
+    """A numeric metric as a float (a department sending something else is recorded as not having sent it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _text(value: Scalar | None) -> str | None:
+    return None if value is None else str(value)
