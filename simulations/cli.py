@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.cli import add_config_option, run_config_from_args
@@ -187,8 +188,78 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_audit)
 
 
+def _ledger_option(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name.strip(), Path(path.strip())
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from simulations.export import CARD, export_run
+
+    ledgers = dict(args.ledger)
+    if len(ledgers) != len(args.ledger):
+        raise FedsiloError("--ledger names a department twice.")
+    done = export_run(args.run_dir, args.out, adapter=args.adapter, ledgers=ledgers)
+    kind = "PEFT adapter" if done.adapter else "merged model"
+    print(f"Exported the {kind} to {done.out} ({'mean' if done.mean_pooling else '[CLS]'} pooling); model card "
+          f"{done.out / CARD}")
+    for d in done.departments:
+        eps = "n/a" if d.epsilon is None else f"{d.epsilon:.4f}"
+        print(f"  {d.name:>12}: epsilon {eps} ({'ledger checked' if d.ledger_checked else 'as reported'})")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.predict import predict_file
+
+    with Progress(TextColumn("[bold]predicting"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), disable=args.quiet) as bar:
+
+        def progress(total: int) -> Callable[[int], None]:
+            task = bar.add_task("rows", total=total)
+            return lambda n: bar.advance(task, n)
+
+        rows = predict_file(args.model, args.input, args.text_column, args.output, batch_size=args.batch_size,
+                            progress=progress)
+    print(f"Predicted {rows} rows into {args.output}")
+    return 0
+
+
+def _add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser("export", help="export a run's global model (Hugging Face format + privacy model card)",
+                        description="Write a finished run's global model where transformers loads it without "
+                                    "fedsilo: config.json with the labels, safetensors weights, tokenizer, and a "
+                                    "model card (README.md) generated from the run's report, checkpoint and "
+                                    "ledgers. Refuses (nothing written) when a ledger disagrees with the report.")
+    ex.add_argument("run_dir", type=Path, help="the run's directory (simulate --out, or server run --out)")
+    ex.add_argument("--out", type=Path, required=True, help="new directory for the export")
+    ex.add_argument("--adapter", action="store_true",
+                    help="write a PEFT adapter directory (naming its base model) instead of merged weights")
+    ex.add_argument("--ledger", action="append", default=[], type=_ledger_option, metavar="NAME=PATH",
+                    help="a department's ledger file, cross-checked against the report (repeatable; a "
+                         "simulation's own ledgers are read from RUN_DIR/sites)")
+    ex.set_defaults(func=_cmd_export)
+    pr = sub.add_parser("predict", help="batch prediction with an exported model",
+                        description="Classify every row of a CSV/TSV/JSONL/Parquet file with a `fedsilo export` "
+                                    "directory; writes the same format with the input's columns, predicted_label "
+                                    "and one probability_<label> column per class.")
+    pr.add_argument("--model", type=Path, required=True, help="an export directory")
+    pr.add_argument("--input", type=Path, required=True, help="CSV/TSV/JSONL/Parquet file")
+    pr.add_argument("--text-column", default="text", help="the column holding the texts (default text)")
+    pr.add_argument("--output", type=Path, required=True, help="new file, same format as --input")
+    pr.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_predict)
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_simulate(sub)
     _add_study(sub)
     _add_bench(sub)
     _add_audit(sub)
+    _add_model_commands(sub)

@@ -23,7 +23,8 @@ def _commands() -> set[str]:
 def test_every_package_registers_its_commands() -> None:
     groups = [name for name, _ in cli.command_groups()]
     assert groups == ["simulations", "common", "server", "client"]
-    assert _commands() == {"simulate", "study", "bench", "audit", "certs", "app", "server", "client", "budget"}
+    assert _commands() == {"simulate", "study", "bench", "audit", "export", "predict", "certs", "app", "server",
+                           "client", "budget"}
 
 
 def test_missing_entry_points_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
