@@ -71,7 +71,7 @@ class _TornFile:
 
 
 class _FaultyOS:
-    """`os` as seen by client.ledger, dying at one point of the atomic write; records the write's syscalls."""
+    """`os` as seen by common.files (the ledger's writes), dying at one point of the atomic write; records its calls."""
 
     def __init__(self, stage: str | None) -> None:
         self.stage = stage
@@ -153,7 +153,7 @@ class _Harness:
             return self.sigma  # whether it fits is still checked by the ledger's own charge (check_charge)
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch("client.ledger.os", faulty))
+            stack.enter_context(mock.patch("common.files.os", faulty))
             stack.enter_context(mock.patch("client.runner.train_round", fake_train))
             stack.enter_context(mock.patch("client.runner.build_model",
                                            lambda job, k: BuiltModel(torch.nn.Linear(3, 2), tokenizer=None)))
@@ -189,7 +189,7 @@ def test_charge_is_durable_before_training_and_write_is_atomic(tmp_path: Path) -
 def test_new_ledger_directories_are_synced_into_their_parents(tmp_path: Path) -> None:
     faulty = _FaultyOS(None)
     lf = LedgerFile(tmp_path / "sites" / SITE / "ledger.json", SITE, 8.0, DELTA, "rdp")
-    with mock.patch("client.ledger.os", faulty), lf.open() as ledger:
+    with mock.patch("common.files.os", faulty), lf.open() as ledger:
         lf.charge(ledger, run_id="r", server_round=1, charge=(3.0, 0.1, 5))
     # sites/ into tmp_path, sites/cardiology/ into sites/; then the write-ahead sequence; then the lock's mark
     assert faulty.calls == ["fsync-dir", "fsync-dir", "write-tmp", "fsync-file", "rename", "fsync-dir", "fsync-file"]
