@@ -15,11 +15,11 @@ from client.site import simulated_sites
 from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
+from common.memory import PeakMemoryMonitor
 from common.model import base_fingerprint, build_model, device
 from common.params import get_trainable, set_trainable
 from common.text import encode, evaluate
 from server.checkpoint import save_checkpoint
-from server.memory import PeakMemoryMonitor
 from server.report import RunRecorder
 from server.resume import resume_state
 from server.secagg import run_workflow

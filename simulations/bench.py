@@ -31,11 +31,13 @@ import numpy as np
 from common.config import JobConfig
 from common.data import DEPARTMENT, LABEL, TEXT, load_hutto
 from common.errors import ConfigError, FedsiloError
+from common.files import write_atomic
+from common.memory import PeakSampler
+from common.memory import tree_pss_bytes as tree_memory
 from common.model import build_model
 from common.params import get_trainable
 from common.privacy import sample_rate, steps_per_round
-from common.files import write_atomic
-from simulations.machine import PeakSampler, describe, machine_line, tree_memory
+from simulations.machine import describe, machine_line
 from simulations.run import simulate
 from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method
 
