@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
+from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, SecAggKey
 from client.ledger import LedgerFile
 from client.policy import observed_server_fingerprint
 from client.site import SiteConfig

@@ -24,14 +24,14 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
 from common import keys
 from common.config import JobConfig
 from common.params import add
 from common.updates import AGGREGATE_NORM_SLACK, check_update, update_norm
+from server.compat import ClientProxy
 from server.report import DepartmentRound, RunRecorder
 
 log = logging.getLogger(__name__)

@@ -270,15 +270,15 @@ def _update_bytes(arrays: list[np.ndarray], secagg: bool, n_examples: int, job: 
     """Bytes of a department's update as it leaves the site: Flower's ndarray serialisation; under SecAgg+ the
     masked vector built by Flower's own quantisation and masking functions (as `secaggplus_mod` does)."""
     from flwr.common import ndarray_to_bytes
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+
+    from common.compat import (
         factor_combine,
         parameters_addition,
         parameters_mod,
         parameters_multiply,
+        pseudo_rand_gen,
+        quantize,
     )
-    from flwr.common.secure_aggregation.quantization import quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
     from server.secagg import SECAGG_MODULUS
 
     if not secagg:

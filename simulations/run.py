@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
+from client.compat import Mod
 from client.site import preflight_sites, simulated_sites
 from common.config import JobConfig, check_known_keys
 from common.data import resolve_job

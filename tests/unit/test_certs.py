@@ -128,13 +128,14 @@ def test_node_key_is_openssh_p384(pki: certs.Provisioned) -> None:
 
 
 def test_node_key_accepted_by_flower(pki: certs.Provisioned) -> None:
-    """Flower 1.41's own loaders: `flwr supernode register` (public) and `flower-supernode` (private)."""
-    register = pytest.importorskip("flwr.cli.supernode.register")
-    supernode = pytest.importorskip("flwr.supernode.cli.flower_supernode")
-    assert register.try_load_public_key(pki.nodes[0].public_key)  # exits the process on a bad key
+    """Flower's own loaders: `flwr supernode register` (public) and `flower-supernode` (private)."""
+    from client.compat import try_setup_client_authentication
+    from server.compat import try_load_public_key
+
+    assert try_load_public_key(pki.nodes[0].public_key)  # exits the process on a bad key
     args = argparse.Namespace(auth_supernode_private_key=str(pki.nodes[0].private_key),
                               auth_supernode_public_key=None)
-    keys = supernode._try_setup_client_authentication(args)
+    keys = try_setup_client_authentication(args)
     assert keys is not None
     assert keys[1] == serialization.load_ssh_public_key(pki.nodes[0].public_key.read_bytes())
 
