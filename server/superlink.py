@@ -10,7 +10,7 @@ operator named with `--operator-network`. Departments keep using the port for th
 authentication applies as before.
 
 This module builds the SuperLink exactly as `flower-superlink` does (its argument parser, app factory and lifespan;
-private functions of the pinned flwr 1.41.x) and wraps the app in `OperatorOnly`.
+private functions of Flower, reached through `server.compat`) and wraps the app in `OperatorOnly`.
 """
 
 from __future__ import annotations
