@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -130,22 +130,23 @@ def test_append_durable_fails_on_a_write_that_makes_no_progress(tmp_path: Path) 
         files.append_durable(tmp_path / "log", b"data")
 
 
-def test_exclusive_lock_excludes(tmp_path: Path) -> None:
+def _try_lock(path: Path) -> bool:
+    """Whether another open file description could take the lock now (flock: per open file, not per process)."""
+    with path.open("a") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return True
+
+
+def test_exclusive_lock_excludes_and_releases(tmp_path: Path) -> None:
     lock = tmp_path / "dir" / "x.lock"
-    order: list[str] = []
-    entered = threading.Event()
-
-    def other() -> None:
-        entered.wait()
-        with files.exclusive_lock(lock):
-            order.append("other")
-
-    thread = threading.Thread(target=other)
-    thread.start()
     with files.exclusive_lock(lock):
-        entered.set()
-        thread.join(timeout=0.2)  # flock is per open file: the other thread blocks until the lock is released
-        order.append("first")
-    thread.join()
-    assert order == ["first", "other"]
-    assert lock.exists()
+        assert lock.exists()
+        assert not _try_lock(lock)
+    assert _try_lock(lock)
+    with pytest.raises(RuntimeError, match="inside"), files.exclusive_lock(lock):
+        raise RuntimeError("inside")
+    assert _try_lock(lock)  # released on an exception too
