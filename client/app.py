@@ -11,13 +11,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
 from client.egress import EgressAudit
 from common import keys
 from common.errors import SecureAggregationError

@@ -73,7 +73,7 @@ def install_gate(parent: Path | None = None) -> Path:
     """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, and, for every other
     app process Flower's executor can start by name (agent apps, connectors, ...; each would load the job's own
     bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from client.compat import TASK_TYPE_TO_COMMAND
 
     bin_dir = Path(tempfile.mkdtemp(prefix="fedsilo-gate-", dir=parent))  # mode 0700
     for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP}:

@@ -17,27 +17,23 @@ leaves a site unrecorded except Flower's own error report of that failure.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
+from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, SecAggKey
 from client.ledger import LedgerFile
 from client.policy import observed_server_fingerprint
 from client.site import SiteConfig
 from common.errors import EgressLogError, FedsiloError
+from common.files import PRIVATE_MODE, append_durable, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +113,6 @@ def _line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _parse_lines(path: Path, data: bytes) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     prev = GENESIS
@@ -164,7 +149,7 @@ def read_egress_log(path: Path) -> list[dict[str, Any]]:
 
 def append_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append `record` (chained to the last line) durably; returns what was written."""
-    with _locked(path):
+    with exclusive_lock(path.with_name(path.name + ".lock")):
         existing = read_egress_log(path)
         prev = GENESIS
         if existing:
@@ -173,16 +158,9 @@ def append_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         full = {"format": FORMAT, **record, "prev_sha256": prev}
         line = json.dumps(full, sort_keys=True, allow_nan=False).encode() + b"\n"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                written = os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durable(path, line, mode=PRIVATE_MODE)
         except OSError as exc:
             raise EgressLogError(f"Could not append to egress log {path}: {exc}") from exc
-        if written != len(line):
-            raise EgressLogError(f"Egress log {path}: short write ({written} of {len(line)} bytes).")
     return full
 
 

@@ -21,18 +21,25 @@ import argparse
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Message
-from flwr.app.error import Error
-from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.supercore.app_utils import start_parent_process_monitor
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.app import Context, Error, Message
 
+from client.compat import (
+    ErrorCode,
+    HeartbeatSender,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SubStatus,
+    add_args_flwr_app_common,
+    make_simple_http_retry_invoker,
+    make_task_heartbeat_fn_http,
+    pull_task_input,
+    push_message,
+    push_task_output,
+    start_parent_process_monitor,
+    try_obtain_flwr_app_token,
+    validate_and_resolve_root_certificates,
+)
 from client.egress import record_refusal
 from client.site import SiteConfig
 from common import keys

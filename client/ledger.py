@@ -1,11 +1,11 @@
 """A site's persistent privacy ledger: every DP-SGD charge the site has made, for the life of the site.
 
-The file is JSON with a sha256 checksum of its body, written atomically (temporary file, fsync, rename, fsync of
-the directory) under an exclusive lock (`<ledger>.lock`, held for the whole read-charge-write). A missing file means
-nothing was spent, unless the lock file records that a ledger was written here before: then the ledger was deleted
-or lost, and the site refuses to train rather than start again from zero. An unreadable, corrupted, torn or
-foreign file raises `LedgerError` and the site refuses to train. Each charge records (round, sigma, q, steps,
-delta, epsilon after), so anyone can recompute epsilon with Opacus.
+The file is JSON with a sha256 checksum of its body, written atomically by `common.files` (temporary file, fsync,
+rename, fsync of the directory) under an exclusive lock (`<ledger>.lock`, held for the whole read-charge-write).
+A missing file means nothing was spent, unless the lock file records that a ledger was written here before: then
+the ledger was deleted or lost, and the site refuses to train rather than start again from zero. An unreadable,
+corrupted, torn or foreign file raises `LedgerError` and the site refuses to train. Each charge records (round,
+sigma, q, steps, delta, epsilon after), so anyone can recompute epsilon with Opacus.
 
 Crash safety: a charge is durable (file and directory fsynced) before `charge` returns, and the caller trains
 only after it returns, so a crash at any point can only over-count. A crash mid-write leaves the previous ledger
@@ -15,12 +15,10 @@ intact plus a temporary file, which the next locked open removes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import LedgerError
+from common.files import PRIVATE_MODE, append_durable, exclusive_lock, make_dirs_durable, write_atomic
 
 if TYPE_CHECKING:
     from common.privacy import Charge
@@ -107,44 +106,16 @@ def _parse(path: Path, text: str) -> Ledger:
         raise LedgerError(f"Ledger {path} is unreadable or torn ({exc!r}). Refusing to train.") from exc
 
 
-def _write_atomic(path: Path, ledger: Ledger) -> None:
+def _serialise(ledger: Ledger) -> bytes:
     body = ledger.body()
-    data = json.dumps({"body": body, "sha256": _checksum(body)}, indent=1, sort_keys=True).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    return json.dumps({"body": body, "sha256": _checksum(body)}, indent=1, sort_keys=True).encode()
 
 
 def _make_dirs_durable(directory: Path) -> None:
-    """Create `directory` and any missing parents, syncing each new entry into its parent: a crash right after
-    a site's first charge must not lose the directory that holds its ledger."""
-    created: list[Path] = []
-    current = directory
-    while not current.exists():
-        created.append(current)
-        current = current.parent
-    if not created:
-        return
+    """Create `directory` and any missing parents, each synced into its parent: a crash right after a site's first
+    charge must not lose the directory that holds its ledger."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for new in reversed(created):
-            _fsync_dir(new.parent)
+        make_dirs_durable(directory)
     except OSError as exc:
         raise LedgerError(f"Cannot create the ledger directory {directory}: {exc}. Refusing to train.") from exc
 
@@ -163,13 +134,13 @@ class LedgerFile:
     def open(self) -> Iterator[Ledger]:
         """Lock, load (or start empty), yield the ledger; nothing is written unless `charge` is called."""
         _make_dirs_durable(self.path.parent)
-        with self.lock_path.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as stack:
             try:
-                self._remove_torn_writes()
-                yield self._load()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                stack.enter_context(exclusive_lock(self.lock_path))
+            except OSError as exc:
+                raise LedgerError(f"Cannot lock the ledger {self.lock_path}: {exc}. Refusing to train.") from exc
+            self._remove_torn_writes()
+            yield self._load()
 
     @property
     def lock_path(self) -> Path:
@@ -185,10 +156,7 @@ class LedgerFile:
         """Record in the lock file (durably) that the ledger exists, so that its loss is detected."""
         if self._existed_before():
             return
-        with self.lock_path.open("a", encoding="utf-8") as fh:
-            fh.write(CREATED_MARK)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durable(self.lock_path, CREATED_MARK.encode())
 
     def _remove_torn_writes(self) -> None:
         """Remove temporary files of writes interrupted by a crash (only called under the exclusive lock, so no
@@ -239,7 +207,7 @@ class LedgerFile:
                             delta=ledger.delta, epsilon_after=after, time=time.time())
         ledger.entries.append(entry)
         try:
-            _write_atomic(self.path, ledger)
+            write_atomic(self.path, _serialise(ledger), mode=PRIVATE_MODE)
         except OSError as exc:
             ledger.entries.pop()
             raise LedgerError(f"Could not persist ledger {self.path}: {exc}. Refusing to train.") from exc

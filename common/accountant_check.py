@@ -1,10 +1,11 @@
 """Cross-check of a privacy ledger against Opacus' accountants. Pure functions, no Flower, no I/O.
 
 Every ledger charge records (sigma, q, steps, delta) and the epsilon the site computed after it. Anyone can
-recompute that epsilon from the recorded parameters with a fresh Opacus accountant: the configured one (the
-ledger's, RDP by default) must agree within `AGREEMENT`; PRV (Opacus' numerical privacy-loss-distribution
-accountant, an upper bound within its `eps_error`) is reported beside it: it is usually tighter than RDP, so a
-smaller PRV epsilon is expected and is not a disagreement.
+recompute that epsilon from the recorded parameters with a fresh Opacus accountant (`common.privacy.epsilon_spent`
+with `fresh=True`: it shares nothing with the cached curves the site charged with, so a corrupted cache is caught):
+the configured one (the ledger's, RDP by default) must agree within `AGREEMENT`; PRV (Opacus' numerical
+privacy-loss-distribution accountant, an upper bound within its `eps_error`) is reported beside it: it is usually
+tighter than RDP, so a smaller PRV epsilon is expected and is not a disagreement.
 
 The guarantee is record-level: the privacy unit is one record (example) of one department. Each record belongs to
 exactly one department, and a department's updates depend only on its own records, so the released global model
@@ -18,32 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opacus.accountants import create_accountant
-
 from common.errors import PrivacyError
+from common.privacy import Charge, epsilon_spent
 
 AGREEMENT = 0.01  # the ledger's epsilon and the configured accountant's recomputation agree within 1 %
-PRV_EPS_ERROR = 0.01  # PRV's numerical error on epsilon (it returns the upper end)
 PRIVACY_UNIT = "one record (example) of one department"
 GUARANTEE = ("record-level (epsilon, delta)-DP per department, by DP-SGD on site; each record belongs to one "
              "department, so the released model is (max epsilon, delta)-DP for any one record")
 
-Charge = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
-
 
 class LedgerDisagreementError(PrivacyError):
     """A ledger's recorded epsilon differs from what its configured accountant recomputes."""
-
-
-def recompute(history: Sequence[Charge], delta: float, mechanism: str) -> float:
-    """Epsilon of `history` at `delta` with a fresh Opacus accountant of kind `mechanism` ('rdp', 'prv', ...)."""
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=mechanism)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    if mechanism == "prv":
-        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
@@ -78,11 +64,11 @@ def check_ledger(entries: Sequence[Any], delta: float, accountant: str, *, with_
     checks = []
     for e in entries:
         history.append((e.noise_multiplier, e.sample_rate, e.steps))
-        rdp = recompute(history, delta, "rdp")
-        prv = recompute(history, delta, "prv") if with_prv or accountant == "prv" else math.nan
+        rdp = epsilon_spent(history, delta, "rdp", fresh=True)
+        prv = epsilon_spent(history, delta, "prv", fresh=True) if with_prv or accountant == "prv" else math.nan
         configured = {"rdp": rdp, "prv": prv}.get(accountant)
         if configured is None or math.isnan(configured):
-            configured = recompute(history, delta, accountant)
+            configured = epsilon_spent(history, delta, accountant, fresh=True)
         checks.append(ChargeCheck(run_id=e.run_id, round=e.round, sigma=e.noise_multiplier,
                                   sample_rate=e.sample_rate, steps=e.steps, recorded=e.epsilon_after,
                                   configured=configured, rdp=rdp, prv=prv))

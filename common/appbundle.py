@@ -31,7 +31,7 @@ def _candidate_files(app: Path) -> dict[str, Path]:
     included: tens of seconds) and then keeps what `[tool.flwr.app] fab-include` names; when the app names its
     include patterns, only their top directories (plus pyproject.toml and .gitignore) are walked here, which gives
     the same bundle."""
-    from flwr.cli.utils import collect_files
+    from common.compat import collect_files
 
     app = app.resolve()
     try:
@@ -51,7 +51,7 @@ def _candidate_files(app: Path) -> dict[str, Path]:
 
 def build_bundle(app: Path) -> bytes:
     """The FAB bytes `flwr run <app>` would submit (Flower's own builder, over `_candidate_files`)."""
-    from flwr.cli.build import build_fab_from_files
+    from common.compat import build_fab_from_files
 
     if not (app / "pyproject.toml").is_file():
         raise ConfigError(f"{app} is not a Flower app directory (no pyproject.toml).")

@@ -9,8 +9,9 @@ The files match what Flower 1.41 reads:
   curve in OpenSSH format; fedsilo uses P-384.
 
 Rules every writer here follows: an existing file is never overwritten (all targets are checked before anything is
-written, and a failed multi-file write removes what it created), every file is written atomically (temporary file
-in the same directory, then ``os.replace``), and private keys are created with mode 0600 from the first byte.
+written, and a failed multi-file write removes what it created), every file is written atomically by ``common.files``
+(temporary file in the same directory, then ``os.replace``; the directory synced before success is reported), and
+private keys are created with mode 0600 from the first byte.
 Key material is never logged; only paths and fingerprints are.
 """
 
@@ -22,9 +23,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
+from common.files import PRIVATE_MODE, PUBLIC_MODE, FileExistsRefusal, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ _MAX_CN = 64  # ub-common-name (RFC 5280)
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates are valid from a little before "now"
 _CURVE = ec.SECP384R1
 _HASH = hashes.SHA384
-_PUBLIC_MODE = 0o644
-_PRIVATE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -164,43 +162,6 @@ def _san_text(general: x509.GeneralName) -> str:
 # Atomic, never-overwriting file writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and `os.replace`.
-
-    A private file is created with mode 0600 by `os.open` itself (the umask can only remove bits), so the key is
-    never readable by others, not even for an instant; it is never chmod-ed afterwards.
-    """
-    mode = _PRIVATE_MODE if private else _PUBLIC_MODE
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists() or path.is_symlink():  # last check before the rename (see `_write_all`)
-            raise ConfigError(f"Refusing to overwrite existing file {path}.")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _existing(paths: Sequence[Path]) -> list[Path]:
     return [p for p in paths if p.exists() or p.is_symlink()]
 
@@ -228,22 +189,33 @@ def _prepare_dir(out_dir: Path) -> Path:
 def _write_all(out_dir: Path, pending: Sequence[_Pending]) -> None:
     """Write all files or none: refuse up front if any exists; on a failure remove what this call created.
 
-    The existence check and the rename are not one atomic step, so a file created concurrently by another process
-    in that window would be replaced; the last-moment check in `_write_atomic` keeps the window tiny.
+    Each file goes through `common.files.write_atomic` (private keys created 0600, never overwriting); the
+    directory is synced once at the end, and a failed sync removes every file too (nothing is reported written
+    that is not durable). The existence check and the rename are not one atomic step, so a file created
+    concurrently by another process in that window would be replaced; the last-moment check in `write_atomic`
+    keeps the window tiny.
     """
     _refuse_existing([p.path for p in pending])
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
         for item in pending:
-            _write_atomic(item.path, item.data, private=item.private)
+            try:
+                _write_atomic(item.path, item.data, private=item.private)
+            except FileExistsRefusal as exc:
+                raise ConfigError(str(exc)) from exc
             written.append(item.path)
+        fsync_dir(out_dir)
     except BaseException:
         for path in reversed(written):
             with contextlib.suppress(OSError):
                 path.unlink()
         raise
-    _fsync_dir(out_dir)
+
+
+def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
+    """One file of `_write_all`: never overwriting, private keys 0600 from the first byte, directory synced later."""
+    write_atomic(path, data, mode=PRIVATE_MODE if private else PUBLIC_MODE, overwrite=False, sync_dir=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ synced into the directory so it survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -46,14 +47,20 @@ def make_dirs_durable(directory: Path, *, mode: int = 0o777) -> None:
         fsync_dir(new.parent)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC_MODE, overwrite: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC_MODE, overwrite: bool = True,
+                 sync_dir: bool = True) -> None:
     """Write `data` to `path` through a temporary file in the same directory, fsync it, rename it over `path` and
     sync the directory.
 
     `mode` is given to `os.open` when the temporary file is created (the umask can only remove bits), so a private
     file (`PRIVATE_MODE`) is never readable by others, not even for an instant. With `overwrite=False` an existing
-    `path` raises `FileExistsRefusal` (checked at the last moment before the rename) and nothing is written. On any
-    failure the temporary file is removed and `path` is left as it was.
+    `path` raises `FileExistsRefusal` (checked at the last moment before the rename) and nothing is written. On an
+    error the temporary file is removed and `path` is left as it was. A process that dies mid-write (a crash, or a
+    `BaseException` such as `KeyboardInterrupt`) may leave the temporary file `.<name>.<pid>.<hex>.tmp` behind:
+    readers never see it, and its owner may remove such files under its lock (the ledger does).
+
+    `sync_dir=False` leaves the directory sync to a caller that writes several files and syncs their directory once
+    (with `fsync_dir`) before it reports success; an error from that sync is then the caller's to handle.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -66,11 +73,12 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC_MODE, overwrite:
         if not overwrite and (path.exists() or path.is_symlink()):
             raise FileExistsRefusal(f"Refusing to overwrite existing file {path}.")
         os.replace(tmp, path)
-    except BaseException:
+    except Exception:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -87,11 +95,16 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 
 def append_durable(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> None:
     """Append `data` to `path` (created with `mode` if missing) and fsync the file, and the directory when the file
-    was new. The caller holds the lock that orders appends."""
+    was new. The caller holds the lock that orders appends. A write that makes no progress raises `OSError`."""
     existed = path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, f"short write to {path}: {len(data) - len(view)} of {len(data)} bytes")
+            view = view[written:]
         os.fsync(fd)
     finally:
         os.close(fd)

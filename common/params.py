@@ -7,6 +7,7 @@ import torch
 
 from common.errors import ParameterMismatchError
 from common.model import trainable_names
+from common.updates import check_update
 
 
 def get_trainable(model: torch.nn.Module) -> list[np.ndarray]:
@@ -15,18 +16,20 @@ def get_trainable(model: torch.nn.Module) -> list[np.ndarray]:
             for _, p in model.named_parameters() if p.requires_grad]
 
 
-def check_arrays(model: torch.nn.Module, arrays: list[np.ndarray], what: str) -> None:
-    """Raise unless `arrays` match the model's trainable tensors in count, shape, dtype and finiteness."""
+def _trainable_specs(model: torch.nn.Module) -> tuple[list[str], list[np.ndarray]]:
+    """Names and expected (shape, float32) of the trainable tensors, as zero-size-in-memory broadcast views."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if len(arrays) != len(params):
-        raise ParameterMismatchError(f"{what}: expected {len(params)} arrays, got {len(arrays)}.")
-    for (name, p), arr in zip(params, arrays, strict=True):
-        if tuple(arr.shape) != tuple(p.shape):
-            raise ParameterMismatchError(f"{what}: {name} has shape {arr.shape}, expected {tuple(p.shape)}.")
-        if arr.dtype != np.float32:
-            raise ParameterMismatchError(f"{what}: {name} has dtype {arr.dtype}, expected float32.")
-        if not np.isfinite(arr).all():
-            raise ParameterMismatchError(f"{what}: {name} contains NaN or infinite values.")
+    zero = np.zeros((), np.float32)
+    return [n for n, _ in params], [np.broadcast_to(zero, tuple(p.shape)) for _, p in params]
+
+
+def check_arrays(model: torch.nn.Module, arrays: list[np.ndarray], what: str) -> None:
+    """Raise `ParameterMismatchError` unless `arrays` match the model's trainable tensors in count, shape, dtype
+    (float32) and finiteness: `common.updates.check_update`'s rules, raised."""
+    names, specs = _trainable_specs(model)
+    reason = check_update(arrays, specs, names=names)
+    if reason is not None:
+        raise ParameterMismatchError(f"{what}: {reason}.")
 
 
 def set_trainable(model: torch.nn.Module, arrays: list[np.ndarray], what: str = "global model") -> None:

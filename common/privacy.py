@@ -20,17 +20,27 @@ Charge = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, ste
 
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this the site declines: the budget is too small to train at all
 NOISE_SEARCH_TOLERANCE = 1e-3  # relative precision of the noise search
+PRV_EPS_ERROR = 0.01  # PRV's numerical error on epsilon (it returns the upper end); Opacus' default
 
 
-def epsilon_spent(history: Sequence[Charge], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon of the composition of `history` at `delta` (0 for an empty history)."""
+def epsilon_spent(history: Sequence[Charge], delta: float, accountant: str = "rdp", *, fresh: bool = False) -> float:
+    """Epsilon of the composition of `history` at `delta` (0 for an empty history): fedsilo's one epsilon
+    computation, for planning, charging, reporting and cross-checking.
+
+    RDP (the default) sums Opacus' per-charge RDP curves, cached, and converts them as Opacus' RDPAccountant does.
+    `fresh=True`, and every other accountant ('prv', 'gdp'), computes through a new Opacus accountant from the raw
+    history instead, sharing nothing with the cache: the ledger cross-check (`common.accountant_check`) uses it so
+    that a corrupted cache cannot agree with itself. PRV returns the upper end of its `PRV_EPS_ERROR` interval.
+    """
     if not history:
         return 0.0
-    if accountant == "rdp":  # Opacus' RDPAccountant.get_privacy_spent, over cached per-charge curves
+    if accountant == "rdp" and not fresh:  # Opacus' RDPAccountant.get_privacy_spent, over cached per-charge curves
         rdp = sum([_rdp_curve(float(q), float(s), int(n)) for s, q, n in history])
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if accountant == "prv":
+        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     return float(acc.get_epsilon(delta=delta))
 
 

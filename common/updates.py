@@ -1,5 +1,8 @@
 """What a model update must look like, checked the same way by a department (before masking) and by the server.
 
+`check_update` is fedsilo's one array validator: it returns the reason an array list is unusable (or None), and
+`common.params.check_arrays` raises `ParameterMismatchError` on top of it for arrays loaded into a model.
+
 An update is the list of trainable arrays' differences (trained minus global), in the model's fixed order. It is
 usable when it has the expected count, shapes and dtype, is finite, and its L2 norm is within the job's bound
 (`max-update-norm`). Pure numpy: no Flower, no torch.

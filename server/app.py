@@ -14,11 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
+from common.memory import PeakMemoryMonitor
 from common.model import base_fingerprint, build_model
 from common.params import get_trainable
 from common.paths import run_out_dir
 from server.checkpoint import save_checkpoint
-from server.memory import PeakMemoryMonitor
 from server.recording import run_summary
 from server.report import RunRecorder
 from server.resume import resume_state

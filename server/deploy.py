@@ -22,6 +22,7 @@ from common.appbundle import app_dir, stage_app
 from common.certs import check_certificate, check_key_matches
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ class ServerState:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         tls = f'root-certificates = "{ca.resolve()}"' if ca is not None else "insecure = true"
         text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}\n'
-        tmp = self.flwr_home / "config.toml.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.flwr_home / "config.toml")
+        write_atomic(self.flwr_home / "config.toml", text.encode())
 
     def require_connection(self) -> None:
         if not (self.flwr_home / "config.toml").is_file():

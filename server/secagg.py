@@ -12,15 +12,18 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from flwr.app import Context, Message, RecordDict
-from flwr.compat.server.typing import Workflow
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
-from flwr.serverapp.grid import Grid as GridBase
+from flwr.serverapp import Grid as GridBase
 
 from common.config import JobConfig
+from server.compat import (
+    MAIN_CONFIGS_RECORD,
+    Workflow,
+    WorkflowKey,
+    default_evaluate_workflow,
+    default_fit_workflow,
+)
 from server.strategy import FedSiloStrategy
 
 log = logging.getLogger(__name__)

@@ -26,14 +26,14 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg, Strategy
 
 from common import keys
 from common.config import JobConfig
 from server import aggregation, recording
 from server.aggregation import Outcome
+from server.compat import ClientProxy
 from server.records import RoundRecord
 from server.report import RunRecorder
 

@@ -10,13 +10,12 @@ operator named with `--operator-network`. Departments keep using the port for th
 authentication applies as before.
 
 This module builds the SuperLink exactly as `flower-superlink` does (its argument parser, app factory and lifespan;
-private functions of the pinned flwr 1.41.x) and wraps the app in `OperatorOnly`.
+private functions of Flower, reached through `server.compat`) and wraps the app in `OperatorOnly`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import ipaddress
 import json
 import logging
@@ -97,17 +96,19 @@ def _split_args(argv: list[str]) -> tuple[list[Network], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
-    from flwr.common.logger import console_handler
-    from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.superlink.main import create_app
 
-    # The module, not the function of the same name that `flwr.superlink.cli` re-exports.
-    flower = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    from server.compat import (
+        SuperLinkLifespan,
+        console_handler,
+        create_app,
+        get_uvicorn_log_config,
+        parse_superlink_lifespan_config,
+    )
 
     networks, rest = _split_args(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *rest]  # Flower's parser reads sys.argv
-    config = flower._parse_superlink_lifespan_config()
-    app = OperatorOnly(create_app(config, flower.SuperLinkLifespan), networks)
+    config = parse_superlink_lifespan_config()
+    app = OperatorOnly(create_app(config, SuperLinkLifespan), networks)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log.info("superlink: Fleet API open on %s:%s; Control and Runtime APIs for this host%s", config.host,
              config.port, "".join(f", {n}" for n in networks))

@@ -32,11 +32,13 @@ from common.config import JobConfig
 from common.data import DEPARTMENT, LABEL, TEXT, load_hutto
 from common.errors import ConfigError, FedsiloError
 from common.files import write_atomic
+from common.memory import PeakSampler
+from common.memory import tree_pss_bytes as tree_memory
 from common.model import build_model
 from common.params import get_trainable
 from common.privacy import sample_rate, steps_per_round
 from common.settings import Settings, option
-from simulations.machine import PeakSampler, describe, machine_line, tree_memory
+from simulations.machine import describe, machine_line
 from simulations.run import simulate
 from simulations.stepcost import DP_MODES, NON_PRIVATE, StepSetup, check_modes, measure, memory_method
 
@@ -279,15 +281,15 @@ def _update_bytes(arrays: list[np.ndarray], secagg: bool, n_examples: int, job: 
     """Bytes of a department's update as it leaves the site: Flower's ndarray serialisation; under SecAgg+ the
     masked vector built by Flower's own quantisation and masking functions (as `secaggplus_mod` does)."""
     from flwr.common import ndarray_to_bytes
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+
+    from common.compat import (
         factor_combine,
         parameters_addition,
         parameters_mod,
         parameters_multiply,
+        pseudo_rand_gen,
+        quantize,
     )
-    from flwr.common.secure_aggregation.quantization import quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-
     from server.secagg import SECAGG_MODULUS
 
     if not secagg:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
+from client.compat import Mod
 from client.site import SiteConfig, preflight_sites, simulated_sites
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job

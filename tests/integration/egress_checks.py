@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.clientapp.typing import Mod
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
+from client.compat import RECORD_KEY_CONFIGS, Mod, SecAggKey
 from common import keys
 
 # What a department may send, by record: the aggregate metrics of keys.py and Flower's own bookkeeping.

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import main
+from common.errors import ConfigError
 from simulations.bench import BENCH_JSON, BENCH_MD, PARTS
 from simulations.study import STUDY_JSON, STUDY_MD, UTILITY_PNG, run_study
 from tests.conftest import TINY_JOB, make_department_frame
@@ -89,12 +90,12 @@ def test_utility_study_on_a_tiny_setup(tmp_path: Path) -> None:
     # --resume with every arm done runs nothing and keeps the results
     again = run_study(rc, tmp_path / "study", epsilons=[8.0], resume=True)
     assert [a.global_accuracy for a in again.arms] == [a["global_accuracy"] for a in saved["arms"]]
-    with pytest.raises(Exception, match="already holds a study"):
+    with pytest.raises(ConfigError, match="already holds a study"):
         run_study(rc, tmp_path / "study", epsilons=[8.0])
     # --render rewrites the table and the docs section from study.json without running anything
     docs = tmp_path / "docs" / "benchmarks.md"
     assert main(["study", "utility", "--out", str(tmp_path / "study"), "--render", "--docs", str(docs)]) == 0
     assert "| federated-dp-eps8 | 8 |" in docs.read_text() and (docs.parent / UTILITY_PNG).is_file()
     assert main(["study", "utility", "--out", str(tmp_path / "none"), "--render"]) == 2
-    with pytest.raises(Exception, match="sets dp"):
+    with pytest.raises(ConfigError, match="sets dp"):
         run_study({**rc, "dp": False}, tmp_path / "other")

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.app import Context, Message, MessageType
 
+from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
+from client.compat import SecAggKey as Key
 from client.ledger import LedgerFile
 from common import keys
 from simulations.run import simulate

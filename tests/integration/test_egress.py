@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
+from client.compat import SecAggStage as Stage
 from client.egress import egress_log_path, read_egress_log
 from client.ledger import LedgerFile
 from common.config import JobConfig

@@ -22,12 +22,11 @@ import pytest
 import torch
 from flwr.app import Message
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 import server.app
+from client.compat import RECORD_KEY_CONFIGS, SecAggKey
 from common import keys
+from common.compat import quantize
 from common.config import JobConfig
 from common.model import build_model
 from common.params import named_state

@@ -19,8 +19,8 @@ from common.data import resolve_job
 from common.model import build_model
 from common.params import get_trainable, set_trainable
 from server.checkpoint import save_checkpoint
-from server.records import AggregateStatus, DepartmentRound
 from server.recording import run_summary
+from server.records import AggregateStatus, DepartmentRound
 from server.report import RunRecorder
 
 LABELS = ("negative", "neutral", "positive")

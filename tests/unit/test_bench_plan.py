@@ -9,6 +9,11 @@ import pytest
 from common.errors import ConfigError
 from simulations.bench import FULL, QUICK, SimSetup, secagg_order
 
+# what simulations.machine.describe() returns (the real one asks the platform, which may start `uname`)
+MACHINE = {"cpu": "Test CPU", "cpu_cores": 2, "memory_gib": 8.0, "gpu": None, "device": "cpu", "torch_threads": 2,
+           "load_average": [0.5, 0.5, 0.5], "python": "3.11.0", "torch": "2.13.0", "platform": "Linux-test",
+           "time_utc": "2026-12-07T00:00:00Z"}
+
 
 def test_secagg_variants_run_in_abba_order() -> None:
     assert secagg_order(1) == [False, True]
@@ -23,7 +28,6 @@ def test_overhead_section_renders_old_and_new_bench_json() -> None:
     """A bench.json written before the overhead part measured several department sizes still renders (a later
     `--only PART` rewrites the docs from it), beside the new form."""
     from simulations.bench import bench_markdown
-    from simulations.machine import describe
 
     setup = {"model": "minilm", "departments": 2, "rows": 1500, "rounds": 3, "batch": 64, "local_epochs": 0.25,
              "max_length": 64}
@@ -32,7 +36,7 @@ def test_overhead_section_renders_old_and_new_bench_json() -> None:
     row = {"setup": setup, "overhead_fraction": 0.151, "fit_seconds": 17.6, "train_seconds_max": 15.0}
     for overhead in ({**row, **when}, {"rows": [row, {**row, "setup": {**setup, "rows": 3700},
                                                       "overhead_fraction": 0.05}], **when}):
-        text = bench_markdown({"machine": describe(), "quick": False, "overhead": overhead}, only_part="overhead")
+        text = bench_markdown({"machine": MACHINE, "quick": False, "overhead": overhead}, only_part="overhead")
         assert "| 1200 | 5 | 17.60 | 15.00 | 15.1% (goal <= 10%: missed) |" in text
     assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 10%: met) |" in text
 

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 
 from common import keys
 from common.cli import main
@@ -17,6 +15,7 @@ from common.errors import ConfigError, ParameterMismatchError
 from common.model import build_model
 from common.params import get_trainable
 from server.checkpoint import CHECKPOINT, MAY_DIFFER_ON_RESUME, load_checkpoint, resume_config, save_checkpoint
+from server.compat import MAIN_CONFIGS_RECORD, WorkflowKey
 from server.recording import failure_text
 from server.records import AggregateStatus, DepartmentRound, Dropout, ResumeRecord, load_report
 from server.report import RunRecorder

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 
+from client.compat import RECORD_KEY_CONFIGS
 from client.egress import EgressAudit, egress_log_path, read_egress_log
 from client.ledger import LedgerFile
 from client.site import SiteConfig

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +68,7 @@ class _TornFile:
 
 
 class _FaultyOS:
-    """`os` as seen by client.ledger, dying at one point of the atomic write; records the write's syscalls."""
+    """`os` as seen by common.files (the ledger's writes), dying at one point of the atomic write; records its calls."""
 
     def __init__(self, stage: str | None) -> None:
         self.stage = stage
@@ -153,7 +150,7 @@ class _Harness:
             return self.sigma  # whether it fits is still checked by the ledger's own charge (check_charge)
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch("client.ledger.os", faulty))
+            stack.enter_context(mock.patch("common.files.os", faulty))
             stack.enter_context(mock.patch("client.runner.train_round", fake_train))
             stack.enter_context(mock.patch("client.runner.build_model",
                                            lambda job, k: BuiltModel(torch.nn.Linear(3, 2), tokenizer=None)))
@@ -189,7 +186,7 @@ def test_charge_is_durable_before_training_and_write_is_atomic(tmp_path: Path) -
 def test_new_ledger_directories_are_synced_into_their_parents(tmp_path: Path) -> None:
     faulty = _FaultyOS(None)
     lf = LedgerFile(tmp_path / "sites" / SITE / "ledger.json", SITE, 8.0, DELTA, "rdp")
-    with mock.patch("client.ledger.os", faulty), lf.open() as ledger:
+    with mock.patch("common.files.os", faulty), lf.open() as ledger:
         lf.charge(ledger, run_id="r", server_round=1, charge=(3.0, 0.1, 5))
     # sites/ into tmp_path, sites/cardiology/ into sites/; then the write-ahead sequence; then the lock's mark
     assert faulty.calls == ["fsync-dir", "fsync-dir", "write-tmp", "fsync-file", "rename", "fsync-dir", "fsync-file"]
@@ -259,51 +256,6 @@ def test_a_ledger_without_the_mark_gets_it_on_first_open(tmp_path: Path) -> None
     (tmp_path / "ledger.json").unlink()
     with pytest.raises(LedgerError, match="missing"):
         lf.read()
-
-
-WORKER = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from client.ledger import LedgerFile
-    path, name, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    lf = LedgerFile(path, "cardiology", 1000.0, 1e-5, "rdp")
-    Path(f"{path}.{name}.ready").touch()
-    while not Path(f"{path}.go").exists():
-        time.sleep(0.01)
-    for i in range(count):
-        with lf.open() as ledger:
-            seen = len(ledger.entries)
-            time.sleep(0.03)  # widen the read-modify-write window: without the lock, charges would be lost
-            lf.charge(ledger, run_id=name, server_round=i + 1, charge=(2.0, 0.01, 10 + seen))
-""")
-
-
-@pytest.mark.slow  # two fresh interpreters importing Opacus
-def test_two_processes_on_one_ledger_are_serialised(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.json"
-    count = 6
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), name, str(count)], env=env)
-             for name in ("job-a", "job-b")]
-    try:
-        for name in ("job-a", "job-b"):
-            while not Path(f"{path}.{name}.ready").exists():
-                assert all(p.poll() is None for p in procs), "a worker died during start-up"
-                os.sched_yield()
-        Path(f"{path}.go").touch()
-        assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    entries = _ledger(tmp_path, 1000.0).read().entries
-    assert len(entries) == 2 * count  # no charge lost
-    for name in ("job-a", "job-b"):
-        assert [e.round for e in entries if e.run_id == name] == list(range(1, count + 1))
-    # each charge was made on top of every earlier one: steps = 10 + entries seen
-    assert [e.steps for e in entries] == [10 + i for i in range(2 * count)]
-    afters = [e.epsilon_after for e in entries]
-    assert afters == sorted(afters) and len(set(afters)) == len(afters)
 
 
 # --- property test over random schedules -------------------------------------------------------------------------

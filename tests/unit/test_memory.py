@@ -1,33 +1,50 @@
-"""The peak-RSS monitor sees memory of this process and of its children, and resets per period."""
+"""common.memory: process-tree memory and the peak sampler (no sleeping, no child processes: the integration test
+`tests/integration/test_memory.py` allocates real memory in this process and a child)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
+import os
 
-from server.memory import PeakMemoryMonitor
+import psutil
 
-MIB = 2**20
-BLOCK_MIB = 150
+from common.memory import MIB, PeakMemoryMonitor, PeakSampler, tree_pss_bytes, tree_rss_bytes
 
 
-def test_peak_covers_this_process_and_children() -> None:
-    with PeakMemoryMonitor(period=0.05) as monitor:
-        base = monitor.take_peak_mib()
-        block = b"x" * (BLOCK_MIB * MIB)  # written, so resident
-        time.sleep(0.3)
-        del block
-        grown = monitor.take_peak_mib()
-        assert grown >= base + 0.8 * BLOCK_MIB
-        after = monitor.take_peak_mib()
-        assert after < grown - 0.5 * BLOCK_MIB  # the next period starts from the current RSS
-        child = subprocess.Popen([sys.executable, "-c",
-                                  f"b = b'y' * ({BLOCK_MIB} * 2**20); import time; time.sleep(3)"])
-        try:
-            time.sleep(2)
-            with_child = monitor.take_peak_mib()
-        finally:
-            child.kill()
-            child.wait()
-        assert with_child >= after + 0.8 * BLOCK_MIB
+class _Values:
+    def __init__(self, *values: int) -> None:
+        self.values = list(values)
+
+    def __call__(self) -> int:
+        return self.values.pop(0)
+
+
+def test_take_peak_returns_the_peak_and_restarts_from_the_current_value() -> None:
+    sampler = PeakSampler(_Values(5, 3, 1, 2), interval=3600)
+    sampler._sample()  # a background sample: 5
+    assert sampler.take_peak() == 5  # samples 3; the peak was 5; the next period starts at 3
+    assert sampler.take_peak() == 3  # samples 1: the period's peak is its start, 3
+    assert sampler.take_peak() == 2  # samples 2
+
+
+def test_entering_samples_at_once_and_exiting_stops_the_thread() -> None:
+    values = _Values(7, 4)
+    with PeakSampler(values, interval=3600) as sampler:
+        assert sampler.take_peak() == 7
+    assert not sampler._thread.is_alive()
+
+
+def test_tree_memory_of_this_process() -> None:
+    rss = tree_rss_bytes()
+    assert rss >= psutil.Process().memory_info().rss // 2 > 0
+    assert 0 < tree_pss_bytes(os.getpid()) <= rss * 2
+
+
+def test_a_vanished_process_holds_nothing() -> None:
+    pid = 2**22 + 12345  # above the kernel's pid_max: never a live process
+    assert tree_rss_bytes(pid) == 0
+    assert tree_pss_bytes(pid) == 0
+
+
+def test_monitor_reports_mib() -> None:
+    monitor = PeakMemoryMonitor(period=3600)
+    assert monitor.take_peak_mib() * MIB >= psutil.Process().memory_info().rss // 2

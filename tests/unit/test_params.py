@@ -87,9 +87,9 @@ def test_check_arrays_accepts_own(lora: BuiltModel) -> None:
 
 def test_check_arrays_wrong_count(lora: BuiltModel) -> None:
     arrays = get_trainable(lora.model)
-    with pytest.raises(ParameterMismatchError, match="expected"):
+    with pytest.raises(ParameterMismatchError, match="arrays instead of"):
         check_arrays(lora.model, arrays[:-1], "update")
-    with pytest.raises(ParameterMismatchError, match="expected"):
+    with pytest.raises(ParameterMismatchError, match="arrays instead of"):
         check_arrays(lora.model, [*arrays, arrays[0]], "update")
     with pytest.raises(ParameterMismatchError):
         check_arrays(lora.model, [], "update")
@@ -114,7 +114,7 @@ def test_check_arrays_non_finite(lora: BuiltModel, bad: float) -> None:
     arrays = get_trainable(lora.model)
     arrays[-1] = arrays[-1].copy()
     arrays[-1].flat[0] = bad
-    with pytest.raises(ParameterMismatchError, match="NaN or infinite"):
+    with pytest.raises(ParameterMismatchError, match="not finite"):
         check_arrays(lora.model, arrays, "update")
 
 

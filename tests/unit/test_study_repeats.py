@@ -17,6 +17,7 @@ import simulations.study as study_mod
 from common.errors import ConfigError
 from simulations.study import STUDY_JSON, STUDY_MD, Arm, ArmRun, load_study, run_study
 from tests.conftest import TINY_JOB, make_department_frame
+from tests.unit.test_bench_plan import MACHINE
 
 # global accuracy of each (arm, seed): medians and ranges below are computed from these by hand
 ACCURACY = {("centralized", 0): 0.90, ("centralized", 1): 0.80, ("centralized", 2): 0.85,
@@ -49,6 +50,7 @@ def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Recorded:
         return ArmRun(seed, acc, {"cardiology": acc, "oncology": acc - 0.1}, 120.0 + seed, spent)
 
     monkeypatch.setattr(study_mod, "run_centralized", fake_central)
+    monkeypatch.setattr(study_mod, "describe", lambda: MACHINE)
     monkeypatch.setattr(study_mod, "run_federated", fake_federated)
     return {**TINY_JOB, "num-server-rounds": 2, "sim-data": str(data)}, calls
 

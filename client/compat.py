@@ -1,0 +1,70 @@
+"""Every private (undocumented) Flower name the client side uses: the SecAgg+ record keys the department and its
+egress audit read, the ClientApp typing, and the `flwr-clientapp` runtime that `client.gate` re-implements.
+
+Resolved on first use (see `common.compat`); checked name by name by `tests/unit/test_flower_compat.py`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from common.compat import lazy_names
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import ClientAppCallable, Mod
+    from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage as SecAggStage
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.cli.flower_supernode import (
+        _try_setup_client_authentication as try_setup_client_authentication,
+    )
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+_SECAGGPLUS = "flwr.common.secure_aggregation.secaggplus_constants"
+_RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
+FLOWER_NAMES: dict[str, str] = {
+    # ClientApp mods (client.app, client.egress, simulations.run)
+    "ClientAppCallable": "flwr.clientapp.typing:ClientAppCallable",
+    "Mod": "flwr.clientapp.typing:Mod",
+    # SecAgg+ messages as secaggplus_mod reads them (client.app, client.egress)
+    "RECORD_KEY_CONFIGS": f"{_SECAGGPLUS}:RECORD_KEY_CONFIGS",
+    "SecAggKey": f"{_SECAGGPLUS}:Key",
+    "SecAggStage": f"{_SECAGGPLUS}:Stage",
+    # the SuperNode's executor: the app processes it may start by name (client.deploy)
+    "TASK_TYPE_TO_COMMAND": "flwr.supercore.constant:TASK_TYPE_TO_COMMAND",
+    # flwr-clientapp's process, re-implemented by client.gate
+    "ErrorCode": "flwr.common.constant:ErrorCode",
+    "SubStatus": "flwr.common.constant:SubStatus",
+    "add_args_flwr_app_common": "flwr.common.args:add_args_flwr_app_common",
+    "try_obtain_flwr_app_token": "flwr.common.args:try_obtain_flwr_app_token",
+    "start_parent_process_monitor": "flwr.supercore.app_utils:start_parent_process_monitor",
+    "HeartbeatSender": "flwr.supercore.heartbeat:HeartbeatSender",
+    "make_task_heartbeat_fn_http": "flwr.supercore.heartbeat:make_task_heartbeat_fn_http",
+    "RuntimeTokenHttpInterceptor": "flwr.supercore.interceptors:RuntimeTokenHttpInterceptor",
+    "RuntimeVersionHttpInterceptor": "flwr.supercore.interceptors:RuntimeVersionHttpInterceptor",
+    "make_simple_http_retry_invoker": "flwr.supercore.retry:make_simple_http_retry_invoker",
+    "RuntimeHttpClient": "flwr.supercore.runtime:RuntimeHttpClient",
+    "validate_and_resolve_root_certificates": "flwr.supercore.tls:validate_and_resolve_root_certificates",
+    "pull_task_input": f"{_RUN_CLIENTAPP}:pull_task_input",
+    "push_message": f"{_RUN_CLIENTAPP}:push_message",
+    "push_task_output": f"{_RUN_CLIENTAPP}:push_task_output",
+    # the SuperNode's loader of its authentication key (tests: fedsilo's node keys load in Flower)
+    "try_setup_client_authentication": "flwr.supernode.cli.flower_supernode:_try_setup_client_authentication",
+}
+__all__ = ["FLOWER_NAMES", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ClientAppCallable", "ErrorCode",
+           "HeartbeatSender", "Mod", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor",
+           "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus", "add_args_flwr_app_common",
+           "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http", "pull_task_input", "push_message",
+           "push_task_output", "start_parent_process_monitor", "try_obtain_flwr_app_token",
+           "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
+
+__getattr__ = lazy_names(FLOWER_NAMES, globals())
