@@ -36,7 +36,8 @@ def write_data(path: Path, rows_per_department: int = 30) -> Path:
 
 
 def build_trained_run(run_dir: Path, *, model: str = "tiny-random", finetune: str = "lora", dp: bool = True,
-                      data: Path | None = None) -> Path:
+                      data: Path | None = None, noise: float = 0.5) -> Path:
+    """`noise`: the std of the seeded moves of the trainable weights (MiniLM: keep it near what training does)."""
     run_dir.mkdir(parents=True)
     data = data or write_data(run_dir.parent / f"{run_dir.name}-data.csv")
     rc = {"model": model, "finetune": finetune, "dp": dp, "sim-data": str(data), "out-dir": str(run_dir),
@@ -45,7 +46,7 @@ def build_trained_run(run_dir: Path, *, model: str = "tiny-random", finetune: st
     run_config = as_run_config(job, sim)
     built = build_model(job, len(job.label_names))
     rng = np.random.default_rng(7)
-    arrays = [a + rng.normal(0.0, 0.05, a.shape).astype(np.float32) for a in get_trainable(built.model)]
+    arrays = [a + rng.normal(0.0, noise, a.shape).astype(np.float32) for a in get_trainable(built.model)]
     set_trainable(built.model, arrays)
     recorder = RunRecorder(config=run_config, out_dir=run_dir, budget=sim.sim_epsilon)
     for server_round in (1, 2):
