@@ -21,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -390,6 +390,112 @@ def _measured(part: dict[str, Any]) -> str:
             f"load average {before} before, {after} after.")
 
 
+def _dp_markdown(dp: dict[str, Any], when: str) -> list[str]:
+    lines: list[str] = []
+    s = dp["setup"]
+    lines += ["", "### DP-SGD step cost", "", when, "",
+              f"Model {s['model']} ({s['finetune']}), batch {s['batch']}, sequence length {s['seq_len']}, Adam; "
+              f"every variant built side by side in one process, {s['warmup']} warm-up step(s) and one "
+              f"memory-profiled step each, then {s['steps']} rounds of one timed step per variant (round-robin); "
+              "ratios are medians over rounds of the per-round ratio. Peak memory: "
+              f"{dp['memory_method']} (peak bytes one step allocates above what was allocated before it).", "",
+              "| variant | s/step | x non-private (per round) | peak memory added | x non-private |",
+              "|---|---|---|---|---|"]
+    for name, v in dp["variants"].items():
+        mark = " (default)" if name == dp["default_mode"] else ""
+        per = ", ".join(f"{x:.2f}" for x in v.get("time_ratio_per_repeat", []))
+        lines.append(f"| {name}{mark} | {_f(v['step_seconds'], '.3f')} | {_f(v['time_ratio'])} ({per}) | "
+                     f"{_mib(v['peak_bytes'])} | {_f(v['memory_ratio'])} |")
+    d = dp["variants"][dp["default_mode"]]
+    lines += ["", f"Default mode `{dp['default_mode']}`: {_f(d['time_ratio'])}x time (goal <= "
+                  f"{GOALS['dp_time']}: {_goal(d['time_ratio'], GOALS['dp_time'])}), {_f(d['memory_ratio'])}x "
+                  f"peak memory (goal <= {GOALS['dp_memory']}: {_goal(d['memory_ratio'], GOALS['dp_memory'])}). "
+                  f"Fastest DP mode here: `{dp['fastest_mode']}`."]
+    eq = dp["equivalence"]
+    lines += ["", f"Same clipped, noised gradient across modes (one batch, clip norm {eq['clip_norm']:.4g} = "
+                  f"median per-sample norm, {eq['clipped_fraction']:.0%} of examples clipped; noise multiplier "
+                  f"{eq['noise_multiplier']:g}; reference `{eq['reference']}`):", "",
+              "| mode | rel. L2 error of clipped sum (noise off) | noise std / (sigma C / B) |", "|---|---|---|"]
+    for name, v in eq["modes"].items():
+        lines.append(f"| {name} | {v['clipped_sum_relative_error']:.2e} | {v['noise_std_ratio']:.4f} "
+                     f"(over {v['noise_values']} values) |")
+    return lines
+
+
+def _secagg_markdown(sa: dict[str, Any], when: str) -> list[str]:
+    lines: list[str] = []
+    lines += ["", "### SecAgg+ cost", "", when, "",
+              "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
+              f"2.. of {sa.get('runs_per_variant', 1)} simulation(s) per variant run in ABBA "
+              "order (plain, SecAgg+, SecAgg+, plain, ...: load drifting steadily hits both alike); excluding "
+              "training = fit time minus the slowest department's training time. Read the ratio with the load "
+              "figures above.", "",
+              "| departments | model | local steps | plain s | SecAgg+ s | ratio | ratio excl. training |",
+              "|---|---|---|---|---|---|---|"]
+    for row in sa["rows"]:
+        s = row["setup"]
+        lines.append(f"| {row['departments']} | {s['model']} | batch {s['batch']}, {s['local_epochs']:g} epoch of "
+                     f"{int(s['rows'] * 0.8)} | {_f(row['off']['fit_seconds'])} | {_f(row['on']['fit_seconds'])} "
+                     f"| {_f(row['ratio'])} ({_goal(row['ratio'], GOALS['secagg'])}) | "
+                     f"{_f(row['ratio_excluding_training'])} |")
+    return lines
+
+
+def _overhead_markdown(o: dict[str, Any], when: str) -> list[str]:
+    lines: list[str] = []
+    rows = o.get("rows", [o])  # a bench.json written before the overhead part measured several sizes
+    s = rows[0]["setup"]
+    lines += ["", "### Framework overhead", "", when, "",
+              f"{s['departments']} departments (one per core), {s['model']}, LoRA, DP, SecAgg+, batch "
+              f"{s['batch']}, {s['local_epochs']:g} local epoch per round; median over rounds 2..{s['rounds']}. "
+              "Overhead = (fit-round wall time - slowest department's training time) / wall time: model and data "
+              "loading, noise planning, ledger and egress records, SecAgg+ stages and Flower's messaging.", "",
+              "| training rows per department | local steps (expected) | fit round s | slowest training s | "
+              "overhead |", "|---|---|---|---|---|"]
+    for row in rows:
+        s = row["setup"]
+        train_rows = int(s["rows"] * 0.8)
+        steps = steps_per_round(s["local_epochs"], sample_rate(s["batch"], train_rows))
+        lines.append(f"| {train_rows} | {steps} | "
+                     f"{_f(row['fit_seconds'])} | {_f(row['train_seconds_max'])} | "
+                     f"{_f(row['overhead_fraction'], '.1%')} (goal <= {GOALS['overhead']:.0%}: "
+                     f"{_goal(row['overhead_fraction'], GOALS['overhead'])}) |")
+    return lines
+
+
+def _comm_markdown(c: dict[str, Any], when: str) -> list[str]:
+    lines: list[str] = []
+    lines += ["", "### Communication per department per round", "", when, "",
+              f"Model {c['model']}; the update as serialised by Flower (float32), and under SecAgg+ the masked, "
+              "quantised vector built with Flower's own functions (SecAgg+ key agreement adds a few hundred bytes "
+              "per neighbour).", "",
+              "| fine-tuning | trainable parameters | bytes plain | bytes SecAgg+ |", "|---|---|---|---|"]
+    for ft in ("lora", "full"):
+        lines.append(f"| {ft} | {c[ft]['parameters']:,} | {c[ft]['bytes_plain']:,} | {c[ft]['bytes_secagg']:,} |")
+    lines += ["", f"LoRA / full: {c['ratio_plain']:.2%} plain, {c['ratio_secagg']:.2%} with SecAgg+ "
+                  f"(goal <= {GOALS['comm']:.0%}: {_goal(c['ratio_secagg'], GOALS['comm'])})."]
+    return lines
+
+
+def _scale_markdown(sc: dict[str, Any], when: str) -> list[str]:
+    lines: list[str] = []
+    s = sc["setup"]
+    peaks = ", ".join(_mib(p) for p in sc["peak_bytes_per_round"])
+    lines += ["", "### Scale", "", when, "",
+              f"{s['departments']} departments, {s['model']}, DP + SecAgg+, {s['rounds']} rounds in one "
+              f"simulation: {_f(sc['seconds_per_round'], '.1f')} s per round (fit + evaluation; fit alone "
+              f"{_f(sc['fit_seconds_per_round'], '.1f')} s), median over rounds 2..; peak memory of the whole "
+              f"process tree (PSS, sampled every {MEMORY_INTERVAL_SECONDS} s) per round: {peaks}; growth from "
+              f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}."]
+    return lines
+
+
+_PART_MARKDOWN: dict[str, Callable[[dict[str, Any], str], list[str]]] = {
+    "dp": _dp_markdown, "secagg": _secagg_markdown, "overhead": _overhead_markdown, "comm": _comm_markdown,
+    "scale": _scale_markdown,
+}
+
+
 def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
     """The bench's tables; with `only_part`, that part's section alone (with the machine), for the docs."""
     m = result["machine"]
@@ -402,93 +508,12 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
     def wanted(part: str) -> bool:
         return part in result and only_part in (None, part)
 
-    def _when(part: dict[str, Any]) -> str:
+    def when(part: dict[str, Any]) -> str:
         return _measured(part) + (f" Machine: {machine_line(m)}{quick}." if only_part else "")
 
-    if wanted("dp"):
-        dp = result["dp"]
-        s = dp["setup"]
-        lines += ["", "### DP-SGD step cost", "", _when(dp), "",
-                  f"Model {s['model']} ({s['finetune']}), batch {s['batch']}, sequence length {s['seq_len']}, Adam; "
-                  f"every variant built side by side in one process, {s['warmup']} warm-up step(s) and one "
-                  f"memory-profiled step each, then {s['steps']} rounds of one timed step per variant (round-robin); "
-                  "ratios are medians over rounds of the per-round ratio. Peak memory: "
-                  f"{dp['memory_method']} (peak bytes one step allocates above what was allocated before it).", "",
-                  "| variant | s/step | x non-private (per round) | peak memory added | x non-private |",
-                  "|---|---|---|---|---|"]
-        for name, v in dp["variants"].items():
-            mark = " (default)" if name == dp["default_mode"] else ""
-            per = ", ".join(f"{x:.2f}" for x in v.get("time_ratio_per_repeat", []))
-            lines.append(f"| {name}{mark} | {_f(v['step_seconds'], '.3f')} | {_f(v['time_ratio'])} ({per}) | "
-                         f"{_mib(v['peak_bytes'])} | {_f(v['memory_ratio'])} |")
-        d = dp["variants"][dp["default_mode"]]
-        lines += ["", f"Default mode `{dp['default_mode']}`: {_f(d['time_ratio'])}x time (goal <= "
-                      f"{GOALS['dp_time']}: {_goal(d['time_ratio'], GOALS['dp_time'])}), {_f(d['memory_ratio'])}x "
-                      f"peak memory (goal <= {GOALS['dp_memory']}: {_goal(d['memory_ratio'], GOALS['dp_memory'])}). "
-                      f"Fastest DP mode here: `{dp['fastest_mode']}`."]
-        eq = dp["equivalence"]
-        lines += ["", f"Same clipped, noised gradient across modes (one batch, clip norm {eq['clip_norm']:.4g} = "
-                      f"median per-sample norm, {eq['clipped_fraction']:.0%} of examples clipped; noise multiplier "
-                      f"{eq['noise_multiplier']:g}; reference `{eq['reference']}`):", "",
-                  "| mode | rel. L2 error of clipped sum (noise off) | noise std / (sigma C / B) |", "|---|---|---|"]
-        for name, v in eq["modes"].items():
-            lines.append(f"| {name} | {v['clipped_sum_relative_error']:.2e} | {v['noise_std_ratio']:.4f} "
-                         f"(over {v['noise_values']} values) |")
-    if wanted("secagg"):
-        lines += ["", "### SecAgg+ cost", "", _when(result["secagg"]), "",
-                  "Simulated fit round (configure_fit to aggregate_fit, SecAgg+ stages included), median over rounds "
-                  f"2.. of {result['secagg'].get('runs_per_variant', 1)} simulation(s) per variant run in ABBA "
-                  "order (plain, SecAgg+, SecAgg+, plain, ...: load drifting steadily hits both alike); excluding "
-                  "training = fit time minus the slowest department's training time. Read the ratio with the load "
-                  "figures above.", "",
-                  "| departments | model | local steps | plain s | SecAgg+ s | ratio | ratio excl. training |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in result["secagg"]["rows"]:
-            s = row["setup"]
-            lines.append(f"| {row['departments']} | {s['model']} | batch {s['batch']}, {s['local_epochs']:g} epoch of "
-                         f"{int(s['rows'] * 0.8)} | {_f(row['off']['fit_seconds'])} | {_f(row['on']['fit_seconds'])} "
-                         f"| {_f(row['ratio'])} ({_goal(row['ratio'], GOALS['secagg'])}) | "
-                         f"{_f(row['ratio_excluding_training'])} |")
-    if wanted("overhead"):
-        o = result["overhead"]
-        rows = o.get("rows", [o])  # a bench.json written before the overhead part measured several sizes
-        s = rows[0]["setup"]
-        lines += ["", "### Framework overhead", "", _when(o), "",
-                  f"{s['departments']} departments (one per core), {s['model']}, LoRA, DP, SecAgg+, batch "
-                  f"{s['batch']}, {s['local_epochs']:g} local epoch per round; median over rounds 2..{s['rounds']}. "
-                  "Overhead = (fit-round wall time - slowest department's training time) / wall time: model and data "
-                  "loading, noise planning, ledger and egress records, SecAgg+ stages and Flower's messaging.", "",
-                  "| training rows per department | local steps (expected) | fit round s | slowest training s | "
-                  "overhead |", "|---|---|---|---|---|"]
-        for row in rows:
-            s = row["setup"]
-            train_rows = int(s["rows"] * 0.8)
-            steps = steps_per_round(s["local_epochs"], sample_rate(s["batch"], train_rows))
-            lines.append(f"| {train_rows} | {steps} | "
-                         f"{_f(row['fit_seconds'])} | {_f(row['train_seconds_max'])} | "
-                         f"{_f(row['overhead_fraction'], '.1%')} (goal <= {GOALS['overhead']:.0%}: "
-                         f"{_goal(row['overhead_fraction'], GOALS['overhead'])}) |")
-    if wanted("comm"):
-        c = result["comm"]
-        lines += ["", "### Communication per department per round", "", _when(c), "",
-                  f"Model {c['model']}; the update as serialised by Flower (float32), and under SecAgg+ the masked, "
-                  "quantised vector built with Flower's own functions (SecAgg+ key agreement adds a few hundred bytes "
-                  "per neighbour).", "",
-                  "| fine-tuning | trainable parameters | bytes plain | bytes SecAgg+ |", "|---|---|---|---|"]
-        for ft in ("lora", "full"):
-            lines.append(f"| {ft} | {c[ft]['parameters']:,} | {c[ft]['bytes_plain']:,} | {c[ft]['bytes_secagg']:,} |")
-        lines += ["", f"LoRA / full: {c['ratio_plain']:.2%} plain, {c['ratio_secagg']:.2%} with SecAgg+ "
-                      f"(goal <= {GOALS['comm']:.0%}: {_goal(c['ratio_secagg'], GOALS['comm'])})."]
-    if wanted("scale"):
-        sc = result["scale"]
-        s = sc["setup"]
-        peaks = ", ".join(_mib(p) for p in sc["peak_bytes_per_round"])
-        lines += ["", "### Scale", "", _when(sc), "",
-                  f"{s['departments']} departments, {s['model']}, DP + SecAgg+, {s['rounds']} rounds in one "
-                  f"simulation: {_f(sc['seconds_per_round'], '.1f')} s per round (fit + evaluation; fit alone "
-                  f"{_f(sc['fit_seconds_per_round'], '.1f')} s), median over rounds 2..; peak memory of the whole "
-                  f"process tree (PSS, sampled every {MEMORY_INTERVAL_SECONDS} s) per round: {peaks}; growth from "
-                  f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}."]
+    for part, render in _PART_MARKDOWN.items():
+        if wanted(part):
+            lines += render(result[part], when(result[part]))
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
