@@ -14,6 +14,7 @@ from opacus.optimizers import DPOptimizer
 
 from common.config import JobConfig
 from common.errors import PrivacyError
+from common.logs import quiet_third_party_warnings
 from common.text import Encoded, model_inputs
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def train_round(model: torch.nn.Module, data: Encoded, cfg: JobConfig, *, steps:
     The caller charges the site ledger before calling; this returns Opacus' own record so the caller can check
     that exactly the charged steps were taken.
     """
+    quiet_third_party_warnings()  # this runs in Ray workers and the sites' ClientApp processes, not only the CLI
     torch.manual_seed(secrets.randbits(63) if seed is None else seed)  # dropout
     generator = _generator(seed)
     model.to(dev)

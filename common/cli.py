@@ -8,7 +8,6 @@ bottom layer, imports none of them. Every fedsilo error becomes one clear messag
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -17,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from common.errors import FedsiloError
+from common.logs import configure_logging
 
 EXIT_ERROR = 2
 COMMAND_GROUP = "fedsilo.commands"
@@ -214,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bar per weight load (common/logs.py)
     try:
         parser = build_parser()
     except FedsiloError as exc:
         print(f"fedsilo: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except FedsiloError as exc:

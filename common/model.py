@@ -27,6 +27,7 @@ from transformers import (
 
 from common.config import JobConfig
 from common.errors import ModelError
+from common.logs import quiet_third_party_warnings
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
     """Base model for `num_labels` classes, wrapped with LoRA unless `finetune == "full"`."""
     if num_labels < 2:
         raise ModelError(f"A classifier needs at least 2 labels, got {num_labels}.")
+    quiet_third_party_warnings()  # every side builds its model here, in whatever process runs it
     tokenizer = load_tokenizer(cfg.model)
     model: torch.nn.Module = _base_model(cfg.model, num_labels, cfg.seed, len(tokenizer))
     if cfg.model != TINY_RANDOM and _uses_mean_pooling(resolve_model_dir(cfg.model)):

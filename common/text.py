@@ -26,7 +26,8 @@ class Encoded:
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+    # torch.tensor copies: labels may be a read-only view (pandas), which torch.as_tensor would share and warn about
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(np.asarray(labels), dtype=torch.long))
 
 
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, dev: torch.device) -> dict[str, torch.Tensor]:

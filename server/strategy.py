@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.common import (
@@ -39,6 +40,10 @@ from server.report import RunRecorder
 
 log = logging.getLogger(__name__)
 
+
+def _no_aggregate_metrics(_: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    return {}
+
 CentralEval = Callable[[list[np.ndarray]], float]  # global arrays -> accuracy on the global held-out test
 RoundHook = Callable[[RunRecorder], None]
 FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
@@ -52,7 +57,9 @@ class FedSiloStrategy(Strategy):
                  central_eval: CentralEval | None = None, on_round: RoundHook | None = None) -> None:
         self.fedavg = FedAvg(fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=job.min_departments,
                              min_evaluate_clients=job.min_departments, min_available_clients=job.min_departments,
-                             initial_parameters=ndarrays_to_parameters(initial), accept_failures=True)
+                             initial_parameters=ndarrays_to_parameters(initial), accept_failures=True,
+                             # departments' metrics are recorded one by one (server/recording.py), never averaged
+                             fit_metrics_aggregation_fn=_no_aggregate_metrics)
         self.job = job
         self.fingerprint = fingerprint
         self.recorder = recorder

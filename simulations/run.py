@@ -22,6 +22,7 @@ from client.site import SiteConfig, preflight_sites, simulated_sites
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
+from common.logs import LOG_FILE, add_log_file, adopt_flower_logger, remove_log_file
 from common.model import build_model, device
 from common.params import set_trainable
 from common.text import encode, evaluate
@@ -115,10 +116,16 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
     }
     from flwr.simulation import run_simulation
 
-    log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
-    run_simulation(server_app=build_server_app(rc, simulated_sites=sites_view, on_round=on_round),
-                   client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
-                   backend_config=backend_config)
+    adopt_flower_logger()  # Flower's import added its own console handler: its records are printed once, by ours
+
+    log_file = add_log_file(out_dir / LOG_FILE)  # the whole log, Flower's lines included, without colour codes
+    try:
+        log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
+        run_simulation(server_app=build_server_app(rc, simulated_sites=sites_view, on_round=on_round),
+                       client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
+                       backend_config=backend_config)
+    finally:
+        remove_log_file(log_file)
     report_path = out_dir / REPORT_JSON
     if not report_path.exists():
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")

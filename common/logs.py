@@ -1,0 +1,119 @@
+"""What fedsilo prints: one line per event, nothing twice, no colour codes in files, third-party noise filtered on
+purpose (each filter says why).
+
+`configure_logging` is called once by the `fedsilo` entry point. `quiet_third_party_warnings` is also called by the
+code that trains (it runs in Ray workers and in the sites' ClientApp processes, not only in the CLI). transformers'
+progress bars (one per weight load, in every message of every department) are switched off through
+`HF_HUB_DISABLE_PROGRESS_BARS`, which the entry point sets and its child processes inherit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FILE = "fedsilo.log"  # in a run's directory: its whole log (what the console filters out included)
+FLOWER_LOGGER = "flwr"
+
+# Flower's own messages that say nothing to a fedsilo user by default (shown with --verbose).
+_FLOWER_QUIET_BELOW = logging.WARNING
+# `flwr.simulation.run_simulation` is deprecated in favour of `flwr run` with a local SuperLink; fedsilo runs the
+# simulation in-process (progress bar, injected site view, one Python process), which only `run_simulation` offers
+# in Flower 1.41 and 1.42. Its deprecation notice is therefore filtered, on purpose, from the console.
+_FLOWER_DEPRECATION = "This is a deprecated feature"
+
+
+class _FlowerConsoleFilter(logging.Filter):
+    """Drop Flower's INFO/DEBUG records (and its deprecation notice for run_simulation) from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(FLOWER_LOGGER):
+            return True
+        if _FLOWER_DEPRECATION in record.getMessage() or "run_simulation" in record.getMessage():
+            return False
+        return record.levelno >= _FLOWER_QUIET_BELOW
+
+
+def configure_logging(verbose: bool = False) -> logging.Handler:
+    """One console handler on stderr (INFO, or DEBUG with `verbose`), Flower's coloured console handler removed so
+    its records are printed once, by ours. Returns the handler (`unconfigure_logging` removes it)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_fedsilo", False):  # an earlier call's (a test calling main twice); others stay
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(FORMAT))
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        console.addFilter(_FlowerConsoleFilter())
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console._fedsilo = True  # type: ignore[attr-defined]  # marks the handler adopt_flower_logger defers to
+    # Libraries that log chattily at INFO: Flower's in-memory state database runs alembic migrations at start.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    adopt_flower_logger()
+    quiet_third_party_warnings()
+    return console
+
+
+def unconfigure_logging(handler: logging.Handler) -> None:
+    """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process)."""
+    logging.getLogger().removeHandler(handler)
+
+
+def adopt_flower_logger() -> None:
+    """Remove the coloured console handler Flower adds to its logger when first imported, so that its records are
+    printed once, by the handler `configure_logging` installed (call after importing Flower, before running it)."""
+    if not any(getattr(h, "_fedsilo", False) for h in logging.getLogger().handlers):
+        return  # logging was not configured by fedsilo's entry point (a library user's own setup): leave it
+    flower = logging.getLogger(FLOWER_LOGGER)
+    for handler in list(flower.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            flower.removeHandler(handler)
+    flower.propagate = True
+
+
+def add_log_file(path: Path) -> logging.Handler:
+    """Append every record the root logger passes (INFO; DEBUG with --verbose), Flower's included, to `path` as
+    plain text, in addition to the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def remove_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+# Opacus calls `logging.basicConfig` with this format when imported (opacus/utils/module_utils.py). In a process
+# fedsilo's entry point did not configure (a Ray worker, a site's ClientApp process) that handler prints every
+# library's DEBUG records, e.g. one line per SecAgg+ stage per department; it is kept to warnings.
+_OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def quiet_third_party_warnings() -> None:
+    """Filter the library warnings fedsilo's own use triggers and has checked to be harmless, and keep a root
+    handler installed by Opacus' import to warnings."""
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None and handler.formatter._fmt == _OPACUS_FORMAT:
+            handler.setLevel(logging.WARNING)
+    # Opacus warns that its noise is not from a cryptographically secure generator unless `secure_mode` (which
+    # needs torchcsprng). fedsilo seeds its noise generator from the OS's entropy pool (client/train.py).
+    warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+    # Opacus' hooks register full backward hooks; with LoRA the embeddings are frozen, so the first hooked module's
+    # inputs need no gradient and torch says its hook fires on outputs only. Per-sample gradients are unaffected
+    # (the bench's equivalence check compares every Opacus mode).
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed",
+                            category=UserWarning)
+    # Ray announces a future change for actors with num_gpus=0 (it will stop hiding GPUs from them); departments
+    # on a GPU machine ask for a GPU share, so the change does not concern them.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+    # transformers 5 deprecates `is_gradient_checkpointing`, which peft/opacus still read; nothing to change here.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
