@@ -98,7 +98,7 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Provision a Flower deployment: a CA (ca.crt/ca.key), the SuperLink's "
                                    "certificate (server.pem/server.key, for --ssl-ca-certfile/--ssl-certfile/"
                                    "--ssl-keyfile) and SuperNode keys (OpenSSH EC P-384, for "
-                                   "--auth-supernode-private-key and `flwr supernode register`). Existing files "
+                                   "--auth-supernode-private-key and `fedsilo server register`). Existing files "
                                    "are never overwritten.")
     csub = p.add_subparsers(dest="certs_command", required=True)
     days_help = "validity in days (default 365)"
@@ -132,6 +132,11 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     init.set_defaults(func=_cmd_certs)
 
 
+def register_hint(public_key: Path, name: str) -> str:
+    """The command that registers a department's node key on the server (README, deployment step 3)."""
+    return f"fedsilo server register --state-dir <state-dir> --key {shlex.quote(str(public_key))} --name {name}"
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from common import certs
 
@@ -158,7 +163,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     elif args.certs_command == "node":
         node = certs.create_node_key(out, args.name)
         show_node(node)
-        print(f"Register it: flwr supernode register {node.public_key} ...")
+        print(f"Register it:    {register_hint(node.public_key, args.name)}")
     else:
         done = certs.provision(out, sans=args.san, nodes=args.node, days=args.days, common_name=args.common_name)
         show_ca(done.ca)
@@ -168,8 +173,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"SuperLink: --ssl-ca-certfile {done.ca.cert} --ssl-certfile {done.server.cert} "
               f"--ssl-keyfile {done.server.key}")
         print(f"SuperNode: --root-certificates {done.ca.cert} --auth-supernode-private-key <node key>")
-        if done.nodes:
-            print("Register each node: flwr supernode register <node key>.pub ...")
+        for node in done.nodes:
+            print(f"Register:       {register_hint(node.public_key, node.private_key.name)}")
     return 0
 
 
