@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -19,6 +20,7 @@ from pathlib import Path
 from common.errors import FedsiloError
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a writer whose reader went away
 COMMAND_GROUP = "fedsilo.commands"
 # Order of the command groups in `fedsilo --help` (a group not named here comes after, by name).
 GROUP_ORDER = ("simulations", "common", "server", "client")
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -235,6 +237,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsilo: interrupted", file=sys.stderr)
         return 130
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's final flush of what is still buffered
+    does not raise BrokenPipeError a second time, at exit (Python docs, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no descriptor (a replaced or closed stdout): nothing will flush to the pipe
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `fedsilo` entry point: the command's exit status.
+
+    When whoever reads stdout goes away (`fedsilo budget | head`), the command stops without a traceback or message
+    and exits 141 (128 + SIGPIPE), as `seq 1 1000000 | head` does: the status a shell reports for a writer ended by
+    SIGPIPE, so `set -o pipefail` scripts see fedsilo like any other tool, and not 0 because the command did not
+    finish (a `budget --check` cut short has not checked everything). Python ignores SIGPIPE, so this is the
+    BrokenPipeError of a write to stdout; restoring SIGPIPE's default instead would also kill fedsilo silently for a
+    broken socket or a child's pipe (the docs advise against it). With --verbose the exception is logged.
+    """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # output still buffered meets the closed pipe here, not at interpreter exit
+    except BrokenPipeError:
+        _discard_stdout()
+        logging.getLogger(__name__).debug("stdout was closed by its reader", exc_info=True)
+        return EXIT_BROKEN_PIPE
+    return status
 
 
 if __name__ == "__main__":
