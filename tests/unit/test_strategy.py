@@ -64,7 +64,7 @@ def test_everyone_declined_keeps_the_previous_model(strategy: FedSiloStrategy) -
     new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [RuntimeError("node 3 died")])[0])
     np.testing.assert_array_equal(new[0], 1.0)
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == "no usable update"
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == "no department trained"
     assert record.failures == 1 and "node 3 died" in record.errors[0]
 
 
