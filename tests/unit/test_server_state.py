@@ -39,14 +39,13 @@ def test_a_new_state_dir_is_0700_and_its_database_0600_before_flower_opens_it(tm
 
 @pytest.mark.usefixtures("loose_umask")
 def test_flower_keeps_the_precreated_database_and_its_wal_files_private(tmp_path: Path) -> None:
-    """Flower's SuperLink state opens the empty file as a new database; SQLite gives the -wal/-shm files the
-    database's mode, so nothing Flower writes there is readable by others."""
-    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
-    from flwr.superlink.federation import NoOpFederationManager
+    """Flower's SuperLink state (opened as `create_app` opens it) takes the empty file as a new database; SQLite
+    gives the -wal/-shm files the database's mode, so nothing Flower writes there is readable by others."""
+    from server.compat import get_federation_manager, get_objectstore_linkstate_factories
 
     state = ServerState(tmp_path / "state")
     prepare_state_dir(state)
-    _, factory = get_objectstore_linkstate_factories(str(state.database), NoOpFederationManager())
+    _, factory = get_objectstore_linkstate_factories(str(state.database), get_federation_manager(is_simulation=False))
     factory.state()
     written = [p for p in state.database_files() if p.exists()]
     assert state.database in written and state.database.stat().st_size > 0
