@@ -5,8 +5,8 @@ The files match what Flower 1.41 reads:
 - SuperLink: ``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key`` (one certificate for
   all its HTTPS APIs, so its SANs must name every address clients dial, e.g. ``localhost`` and ``127.0.0.1``).
 - SuperNode: ``--root-certificates ca.crt`` and ``--auth-supernode-private-key <name>``; the matching
-  ``<name>.pub`` is registered with ``flwr supernode register <name>.pub``. Flower requires an EC key on a NIST
-  curve in OpenSSH format; fedsilo uses P-384.
+  ``<name>.pub`` is registered with ``fedsilo server register --key <name>.pub`` (which runs Flower's
+  ``flwr supernode register``). Flower requires an EC key on a NIST curve in OpenSSH format; fedsilo uses P-384.
 
 Rules every writer here follows: an existing file is never overwritten (all targets are checked before anything is
 written, and a failed multi-file write removes what it created), every file is written atomically by ``common.files``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -19,6 +20,7 @@ from common.errors import FedsiloError
 from common.logs import configure_logging
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a writer whose reader went away
 COMMAND_GROUP = "fedsilo.commands"
 # Order of the command groups in `fedsilo --help` (a group not named here comes after, by name).
 GROUP_ORDER = ("simulations", "common", "server", "client")
@@ -98,7 +100,7 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        description="Provision a Flower deployment: a CA (ca.crt/ca.key), the SuperLink's "
                                    "certificate (server.pem/server.key, for --ssl-ca-certfile/--ssl-certfile/"
                                    "--ssl-keyfile) and SuperNode keys (OpenSSH EC P-384, for "
-                                   "--auth-supernode-private-key and `flwr supernode register`). Existing files "
+                                   "--auth-supernode-private-key and `fedsilo server register`). Existing files "
                                    "are never overwritten.")
     csub = p.add_subparsers(dest="certs_command", required=True)
     days_help = "validity in days (default 365)"
@@ -132,6 +134,11 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     init.set_defaults(func=_cmd_certs)
 
 
+def register_hint(public_key: Path, name: str) -> str:
+    """The command that registers a department's node key on the server (README, deployment step 3)."""
+    return f"fedsilo server register --state-dir <state-dir> --key {shlex.quote(str(public_key))} --name {name}"
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from common import certs
 
@@ -158,7 +165,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     elif args.certs_command == "node":
         node = certs.create_node_key(out, args.name)
         show_node(node)
-        print(f"Register it: flwr supernode register {node.public_key} ...")
+        print(f"Register it:    {register_hint(node.public_key, args.name)}")
     else:
         done = certs.provision(out, sans=args.san, nodes=args.node, days=args.days, common_name=args.common_name)
         show_ca(done.ca)
@@ -168,8 +175,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"SuperLink: --ssl-ca-certfile {done.ca.cert} --ssl-certfile {done.server.cert} "
               f"--ssl-keyfile {done.server.key}")
         print(f"SuperNode: --root-certificates {done.ca.cert} --auth-supernode-private-key <node key>")
-        if done.nodes:
-            print("Register each node: flwr supernode register <node key>.pub ...")
+        for node in done.nodes:
+            print(f"Register:       {register_hint(node.public_key, node.private_key.name)}")
     return 0
 
 
@@ -211,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bar per weight load (common/logs.py)
@@ -230,6 +237,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsilo: interrupted", file=sys.stderr)
         return 130
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the interpreter's final flush of what is still buffered
+    does not raise BrokenPipeError a second time, at exit (Python docs, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no descriptor (a replaced or closed stdout): nothing will flush to the pipe
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `fedsilo` entry point: the command's exit status.
+
+    When whoever reads stdout goes away (`fedsilo budget | head`), the command stops without a traceback or message
+    and exits 141 (128 + SIGPIPE), as `seq 1 1000000 | head` does: the status a shell reports for a writer ended by
+    SIGPIPE, so `set -o pipefail` scripts see fedsilo like any other tool, and not 0 because the command did not
+    finish (a `budget --check` cut short has not checked everything). Python ignores SIGPIPE, so this is the
+    BrokenPipeError of a write to stdout; restoring SIGPIPE's default instead would also kill fedsilo silently for a
+    broken socket or a child's pipe (the docs advise against it). With --verbose the exception is logged.
+    """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # output still buffered meets the closed pipe here, not at interpreter exit
+    except BrokenPipeError:
+        _discard_stdout()
+        logging.getLogger(__name__).debug("stdout was closed by its reader", exc_info=True)
+        return EXIT_BROKEN_PIPE
+    return status
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from common import keys
 from common.params import add
 from common.updates import AGGREGATE_NORM_SLACK, check_update, update_norm
 
-NO_USABLE_UPDATE = "no usable update"
+NO_DEPARTMENT_TRAINED = "no department trained"  # every department declined, failed or dropped: nothing to average
+NO_USABLE_UPDATE = "no usable update"  # some trained, but every update was rejected
 AGGREGATION_FAILED = "aggregation failed"
 UNMASKED_AGGREGATE_UNUSABLE = "unmasked aggregate unusable"
 
@@ -46,6 +47,11 @@ def decode(parameters: Parameters) -> list[np.ndarray] | str:
 def takes_part(status: str, res: FitRes) -> bool:
     """Whether a department's result is an update to aggregate (it trained, on at least one example)."""
     return status == keys.STATUS_TRAINED and res.num_examples > 0
+
+
+def weighs_in(res: FitRes) -> bool:
+    """Whether a result has weight in the average: FedAvg and SecAgg+ both weigh an update by its examples."""
+    return res.num_examples > 0
 
 
 def screen_update(res: FitRes, global_arrays: list[np.ndarray], max_norm: float) -> str | None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from flwr.superlink.cli.flower_superlink import (
         _parse_superlink_lifespan_config as parse_superlink_lifespan_config,
     )
+    from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
     from flwr.superlink.main import create_app
 
 # The module, not the function of the same name that `flwr.superlink.cli` re-exports.
@@ -43,11 +44,15 @@ FLOWER_NAMES: dict[str, str] = {
     "create_app": "flwr.superlink.main:create_app",
     "SuperLinkLifespan": f"{_FLOWER_SUPERLINK}:SuperLinkLifespan",
     "parse_superlink_lifespan_config": f"{_FLOWER_SUPERLINK}:_parse_superlink_lifespan_config",
+    # how the SuperLink opens its database (`create_app`; tests: Flower keeps the pre-created superlink.db private)
+    "get_federation_manager": "flwr.superlink.config_loader:get_federation_manager",
+    "get_objectstore_linkstate_factories": "flwr.superlink.config_loader:get_objectstore_linkstate_factories",
     # `flwr supernode register`'s key loader (tests: fedsilo's node keys load in Flower)
     "try_load_public_key": "flwr.cli.supernode.register:try_load_public_key",
 }
 __all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "ClientProxy", "SuperLinkLifespan", "Workflow", "WorkflowKey",
            "console_handler", "create_app", "default_evaluate_workflow", "default_fit_workflow",
-           "get_uvicorn_log_config", "parse_superlink_lifespan_config", "try_load_public_key"]
+           "get_federation_manager", "get_objectstore_linkstate_factories", "get_uvicorn_log_config",
+           "parse_superlink_lifespan_config", "try_load_public_key"]
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,10 @@ from common.runtime import DeploymentError, check_port_free, flower_tool, tool_e
 log = logging.getLogger(__name__)
 
 CONNECTION = "fedsilo"
+STATE_DIR_MODE = 0o700
+DATABASE_MODE = 0o600
+# SQLite's companions of the database (WAL mode: -wal, -shm; rollback journal): they hold the same rows.
+DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 CA_FILE, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 DEFAULT_PORT = 47100
 
@@ -46,6 +51,10 @@ class ServerState:
     def database(self) -> Path:
         return self.root / "superlink.db"
 
+    def database_files(self) -> list[Path]:
+        """The database and SQLite's companion files beside it."""
+        return [self.database.with_name(self.database.name + suffix) for suffix in DATABASE_SUFFIXES]
+
     def env(self) -> dict[str, str]:
         return tool_env({**os.environ, "FLWR_HOME": str(self.flwr_home)})
 
@@ -60,6 +69,49 @@ class ServerState:
         if not (self.flwr_home / "config.toml").is_file():
             raise ConfigError(f"{self.root} is not a fedsilo server state directory: run `fedsilo server start "
                               f"--state-dir {self.root}` first.")
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Give `path` (owned by this user) exactly `mode`, warning when that removes access others had."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): the server's "
+                          "state must be readable by its owner only. Use a state directory this user owns (a new "
+                          "path is created with mode 0700).")
+    current = stat.S_IMODE(info.st_mode)
+    if current != mode:
+        os.chmod(path, mode)
+        if current & 0o077:
+            log.warning("%s had mode %04o, readable by others: tightened to %04o (what was readable before "
+                        "stays exposed to whoever read it)", path, current, mode)
+
+
+def prepare_state_dir(state: ServerState) -> None:
+    """Make the server's state private before Flower writes to it: the directory 0700 and the SuperLink database
+    0600.
+
+    Flower's SQLite database (`superlink.db`, with its `-wal`/`-shm` files) holds every registered node, job, run
+    config and message, so the file is created here, empty and 0600, before `flower-superlink` opens it (SQLite
+    takes an empty file as a new database and creates its companion files with the database file's mode); a mode
+    fixed after start would leave a window in which Flower's file is 0644. An existing state directory or database
+    with a looser mode is tightened (with a warning) rather than refused: earlier fedsilo versions created them
+    with the default umask (0755/0644), the directory is this server's own, and a refusal would only add a manual
+    `chmod` to every upgrade. A state directory or database owned by another user is refused (it cannot be made
+    private to this one), as is a path that is not a directory.
+    """
+    root = state.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--state-dir {root} is not a directory.")
+    if not root.exists():
+        root.mkdir(parents=True, mode=STATE_DIR_MODE)
+    _tighten(root, STATE_DIR_MODE)
+    for path in state.database_files():
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ConfigError(f"{path} is not a regular file: the SuperLink's database must be one.")
+        if path.exists():
+            _tighten(path, DATABASE_MODE)
+    if not state.database.exists():
+        os.close(os.open(state.database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DATABASE_MODE))
 
 
 def superlink_command(state: ServerState, certs: Path | None, host: str, port: int,
@@ -97,7 +149,7 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
         check_key_matches(certs / SERVER_CERT, certs / SERVER_KEY)
     check_port_free(host, port)
     state = ServerState(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(state)
     # The operator's flwr CLI runs on the server host: a wildcard listen address is reached over loopback (so the
     # server certificate needs a 127.0.0.1 SAN for it).
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)  # noqa: S104 (mapping a wildcard to loopback, not binding)

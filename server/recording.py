@@ -76,7 +76,7 @@ def fit_result(recorder: RunRecorder, record: RoundRecord, name: str, res: FitRe
     status = str(metrics.get(keys.M_STATUS, keys.STATUS_FAILED))
     recorder.department(name).n_train = int(metrics.get(keys.M_NUM_EXAMPLES, 0))
     dept = DepartmentRound(status=status, epsilon=_number(metrics.get(keys.M_EPSILON)),
-                           reason=_text(metrics.get(keys.M_REASON)),
+                           delta=_number(metrics.get(keys.M_DELTA)), reason=_text(metrics.get(keys.M_REASON)),
                            train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)))
     record.departments[name] = dept
     return dept
@@ -131,6 +131,8 @@ def evaluation(recorder: RunRecorder, record: RoundRecord, name: str, res: Evalu
     dept.accuracy = float(res.metrics.get(keys.M_ACCURACY, 0.0))
     epsilon = res.metrics.get(keys.M_EPSILON)
     dept.epsilon = dept.epsilon if epsilon is None else _number(epsilon)
+    delta = res.metrics.get(keys.M_DELTA)
+    dept.delta = dept.delta if delta is None else _number(delta)
     dept.n_test = res.num_examples
     recorder.department(name).n_test = res.num_examples
 
@@ -155,16 +157,26 @@ def log_round(record: RoundRecord, num_rounds: int, eval_failures: int) -> None:
              record.describe_aggregate(), eval_failures, parts)
 
 
+def reported_delta(recorder: RunRecorder) -> float | None:
+    """The largest delta any department reported in the run (None if none did). Each department's epsilon holds at
+    its own delta, so at this one too ((eps, d)-DP implies (eps, d')-DP for d' >= d): one delta for the run's
+    statement when sites' configs differ."""
+    deltas = [d.delta for r in recorder.rounds for d in r.departments.values() if d.delta is not None]
+    return max(deltas, default=None)
+
+
 def run_summary(recorder: RunRecorder, *, delta: float | None, dp: bool, secure_aggregation: bool) -> RunSummary:
     """The run's end: the central accuracy if there is one (else the last round's federated one), each department's
-    epsilon after the last round, and what protected the updates. The privacy statement is the caller's."""
+    epsilon after the last round, and what protected the updates. The privacy statement is the caller's. `delta` is
+    the simulation's; in deployment (None) it is the departments' own (`reported_delta`)."""
     last = recorder.rounds[-1] if recorder.rounds else None
     federated = last.global_accuracy if last else None
     central = recorder.central_accuracy
     return RunSummary(central_global_accuracy=central, global_accuracy=federated if central is None else central,
                       federated_global_accuracy=federated,
                       epsilon={name: d.epsilon for name, d in sorted(last.departments.items())} if last else {},
-                      delta=delta, dp=dp, secure_aggregation=secure_aggregation,
+                      delta=delta if delta is not None else reported_delta(recorder), dp=dp,
+                      secure_aggregation=secure_aggregation,
                       rounds_completed=len(recorder.rounds))
 
 

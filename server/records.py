@@ -68,6 +68,7 @@ class DepartmentRound(_Record):
 
     status: str = Field(description="trained, declined_budget, declined_policy, failed, not_seen or dropped")
     epsilon: Measure = Field(default=None, description="epsilon spent so far, from the department's own ledger")
+    delta: Measure = Field(default=None, description="delta of that epsilon (the department's own site config)")
     accuracy: Measure = Field(default=None, description="accuracy of the global model on its held-out test")
     n_test: int | None = Field(default=None, description="its held-out test examples this round")
     reason: str | None = Field(default=None, description="why it did not train or was not counted")
@@ -148,7 +149,8 @@ class RunSummary(_Record):
     global_accuracy: Measure = Field(description="the central accuracy if there is one, else the federated one")
     federated_global_accuracy: Measure = Field(description="the last round's federated accuracy")
     epsilon: dict[str, Measure] = Field(description="each department's epsilon after the last round")
-    delta: float | None = Field(description="delta of the guarantee (simulation; sites' own in deployment)")
+    delta: float | None = Field(description="delta of the guarantee: the simulation's; in deployment the largest "
+                                            "delta a department reported (each epsilon holds at it)")
     dp: bool
     secure_aggregation: bool
     rounds_completed: int = Field(ge=0)

@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common import Parameters
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid as GridBase
 
 from common.config import JobConfig
+from server import aggregation
 from server.compat import (
     MAIN_CONFIGS_RECORD,
     Workflow,
@@ -64,6 +66,13 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             if attempt <= self._retries:
                 log.warning("round %s: secure aggregation halted; retrying the round (attempt %d of %d)",
                             _current_round(context), attempt + 1, self._retries + 1)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Flower's unmask stage, unless no collected update has weight (every department declined, or sent no
+        examples): `skip_unmask_without_weight`."""
+        if skip_unmask_without_weight(context, state):
+            return True
+        return cast(bool, super().unmask_stage(grid, context, state))
 
     def _reporting(self, stage_name: str, stage: Callable[..., bool], on_halt: OnHalt,
                    on_dropout: OnDropout) -> Callable[..., bool]:
@@ -127,6 +136,28 @@ class StageTimeoutGrid(GridBase):
             log.warning("no reply from node(s) %s within %.0fs (stage-timeout); they count as dropped",
                         sorted(silent), self._timeout if timeout is None else timeout)
         return replies
+
+
+def skip_unmask_without_weight(context: LegacyContext, state: Any) -> bool:
+    """When no department's masked update has weight, give the strategy the replies without an aggregate and return
+    True (the unmask stage is done); otherwise False (unmask as usual).
+
+    SecAgg+ sums each department's weight (its examples) with its weighted update, and Flower's unmask stage divides
+    the unmasked sum by the total weight: with every department declined (weight 0) that is a division by zero (a
+    RuntimeWarning, and a NaN "average"). Then there is nothing to unmask or average, so the departments are not
+    asked for their shares (the next round's setup makes Flower's `secaggplus_mod` log "Restart from the setup
+    stage" at each site, as after a halted round), no aggregate is computed, and the strategy records the round
+    (statuses and reasons) and keeps the previous model ("no department trained").
+    """
+    results = state.legacy_results
+    if any(aggregation.weighs_in(res) for _, res in results):
+        return False
+    log.info("round %s: no department's update has weight (%d replied); nothing to unmask or average",
+             _current_round(context), len(results))
+    for _, res in results:  # their masked vectors are not an aggregate: the strategy must not see them as one
+        res.parameters = Parameters(tensors=[], tensor_type="")
+    context.strategy.aggregate_fit(_current_round(context), results, state.failures)
+    return True
 
 
 def _forget_unmasked_dropouts(state: Any) -> None:

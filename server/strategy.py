@@ -92,26 +92,37 @@ class FedSiloStrategy(Strategy):
                       failures: FitFailures) -> tuple[Parameters | None, dict[str, Scalar]]:
         record = recording.fit_started(self.recorder, server_round, time.perf_counter() - self.round_start,
                                        failures)
-        accepted = [(proxy, res) for proxy, res in results if self._accept(server_round, record, proxy, res)]
+        trained = [(proxy, res) for proxy, res in results if self._trained(record, proxy, res)]
+        accepted = [(proxy, res) for proxy, res in trained if self._accept(server_round, record, proxy, res)]
         if not self.job.secagg:  # under SecAgg+ the workflow reports dropouts stage by stage
             self.record_missing(server_round, "train", {proxy.node_id for proxy, _ in results})
-        decided = self._aggregate(server_round, accepted)
+        decided = (self._aggregate(server_round, accepted) if trained
+                   else self._nothing_trained(server_round, len(results)))
         recording.outcome(record, decided)
         self.global_arrays = decided.arrays
         return ndarrays_to_parameters(decided.arrays), {}
 
-    def _accept(self, server_round: int, record: RoundRecord, proxy: ClientProxy, res: FitRes) -> bool:
-        """Record a department's fit reply; whether its update is to be averaged."""
+    def _trained(self, record: RoundRecord, proxy: ClientProxy, res: FitRes) -> bool:
+        """Record a department's fit reply; whether it trained (its update is a candidate for the average)."""
         name = self._learn_name(proxy.node_id, res.metrics)
-        dept = recording.fit_result(self.recorder, record, name, res)
-        if not aggregation.takes_part(dept.status, res):
-            return False
+        return aggregation.takes_part(recording.fit_result(self.recorder, record, name, res).status, res)
+
+    def _accept(self, server_round: int, record: RoundRecord, proxy: ClientProxy, res: FitRes) -> bool:
+        """Whether a department's update (it trained) is to be averaged."""
         if self.job.secagg:  # masked: only the sum can be checked (in `_aggregate`)
             return True
         why = aggregation.screen_update(res, self.global_arrays, self.job.max_update_norm)
         if why is not None:
-            recording.rejected(dept, server_round, name, proxy.node_id, why)
+            name = recording.reported_name(res.metrics, proxy.node_id)  # as `_trained` recorded it
+            recording.rejected(record.departments[name], server_round, name, proxy.node_id, why)
         return why is None
+
+    def _nothing_trained(self, server_round: int, replies: int) -> Outcome:
+        """No department trained (all declined, failed or dropped): nothing is averaged (no total weight to divide
+        by) and the previous global model stays."""
+        log.warning("aggregate_fit: round %s: no department trained (%d replied); keeping the previous global model",
+                    server_round, replies)
+        return aggregation.keep_previous(self.global_arrays, aggregation.NO_DEPARTMENT_TRAINED)
 
     def _aggregate(self, server_round: int, accepted: list[tuple[ClientProxy, FitRes]]) -> Outcome:
         """FedAvg of the accepted updates added to the global model, or the previous model and why."""

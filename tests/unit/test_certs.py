@@ -422,6 +422,9 @@ def test_cli_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert str(out / "site-a.pub") in printed
     assert certs.public_key_fingerprint(out / "site-b.pub") in printed
     assert certs.certificate_fingerprint(out / "server.pem") in printed
+    for name in ("site-a", "site-b"):  # the README's command, not Flower's `flwr supernode register`
+        assert f"fedsilo server register --state-dir <state-dir> --key {out / name}.pub --name {name}" in printed
+    assert "flwr supernode register" not in printed
     certs.check_certificate(out / "server.pem", out / "ca.crt")
     # a second run refuses and changes nothing
     before = _snapshot(out)
@@ -437,6 +440,8 @@ def test_cli_step_by_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     printed = capsys.readouterr().out
     assert str(tmp_path / "n1.pub") in printed
     assert certs.public_key_fingerprint(tmp_path / "n1.pub") in printed
+    assert f"fedsilo server register --state-dir <state-dir> --key {tmp_path / 'n1.pub'} --name n1" in printed
+    assert "flwr supernode register" not in printed
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     assert server.not_valid_after_utc <= ca.not_valid_after_utc  # clamped to the 30-day CA

@@ -48,8 +48,8 @@ def _maybe(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 # One strategy per field of every record: test_every_field_of_every_record_is_generated keeps this complete.
 FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
-    DepartmentRound: {"status": text, "epsilon": _maybe(finite), "accuracy": _maybe(finite), "n_test": _maybe(counts),
-                      "reason": _maybe(text), "train_seconds": _maybe(finite)},
+    DepartmentRound: {"status": text, "epsilon": _maybe(finite), "delta": _maybe(finite), "accuracy": _maybe(finite),
+                      "n_test": _maybe(counts), "reason": _maybe(text), "train_seconds": _maybe(finite)},
     Dropout: {"department": names, "node_id": st.integers(), "stage": text, "attempt": st.integers(1, 5)},
     DepartmentSize: {"n_train": counts, "n_test": counts},
     ResumeRecord: {"after_round": counts, "time": text,

@@ -64,7 +64,7 @@ def test_everyone_declined_keeps_the_previous_model(strategy: FedSiloStrategy) -
     new = parameters_to_ndarrays(strategy.aggregate_fit(1, results, [RuntimeError("node 3 died")])[0])
     np.testing.assert_array_equal(new[0], 1.0)
     record = strategy.recorder.rounds[-1]
-    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == "no usable update"
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == "no department trained"
     assert record.failures == 1 and "node 3 died" in record.errors[0]
 
 
@@ -123,3 +123,17 @@ def test_applied_round_records_how_far_the_model_moved(strategy: FedSiloStrategy
     a = [np.full((2, 3), 1.0, np.float32), np.zeros(4, np.float32)]
     strategy.aggregate_fit(1, [(_proxy(1), _fit("a", a, 10))], [])
     assert strategy.recorder.round(1).update_norm == pytest.approx(np.sqrt(6))
+
+
+def test_deployment_final_delta_is_the_departments_reported_delta(strategy: FedSiloStrategy) -> None:
+    """In deployment the server knows no delta: each department reports its own with its epsilon."""
+    from server.recording import run_summary
+
+    a = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+    first, second = _fit("a", a, 10), _fit("b", a, 10, keys.STATUS_DECLINED_POLICY)
+    first.metrics[keys.M_DELTA], second.metrics[keys.M_DELTA] = 1e-5, 1e-6
+    strategy.aggregate_fit(1, [(_proxy(1), first), (_proxy(2), second)], [])
+    assert strategy.recorder.round(1).departments["b"].delta == 1e-6
+    deployed = run_summary(strategy.recorder, delta=None, dp=True, secure_aggregation=False)
+    assert deployed.delta == 1e-5  # the largest: every department's epsilon holds at it
+    assert run_summary(strategy.recorder, delta=1e-7, dp=True, secure_aggregation=False).delta == 1e-7  # simulation
