@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from common.errors import FedsiloError
-from common.logs import configure_logging
+from common.logs import configure_logging, unconfigure_logging
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a writer whose reader went away
@@ -228,7 +228,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"fedsilo: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    console = configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except FedsiloError as exc:
@@ -237,6 +237,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("fedsilo: interrupted", file=sys.stderr)
         return 130
+    finally:
+        unconfigure_logging(console)
 
 
 def _discard_stdout() -> None:
