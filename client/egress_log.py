@@ -15,6 +15,7 @@ rewriting it from the edited line on. Someone who can rewrite both files on the 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -109,6 +110,13 @@ def _epsilons(path: Path, records: Sequence[dict[str, Any]]) -> Iterator[tuple[i
             yield number, record, float(value)
 
 
+def _reached(value: float, reached: Sequence[float]) -> bool:
+    """Whether `value` is (up to representation noise) one of the sorted `reached` epsilons."""
+    i = bisect.bisect_left(reached, value)
+    return any(math.isclose(value, reached[j], rel_tol=SAME_EPSILON_REL, abs_tol=1e-12)
+               for j in (i - 1, i) if 0 <= j < len(reached))
+
+
 def _where(record: dict[str, Any]) -> str:
     return f"run {record.get('run_id')} round {record.get('round')} {record.get('message_type')}"
 
@@ -118,35 +126,35 @@ def check_against_egress(ledger: Ledger, records: Sequence[dict[str, Any]], egre
     """Refuse a ledger that shows less spent than the site's egress log recorded (`LedgerBehindEgressError`);
     returns the largest epsilon the egress log recorded (0 for an empty or missing log).
 
-    Three checks, each failing closed: the ledger's recorded epsilon is at least the log's largest; every epsilon
+    Three checks, each failing closed: the ledger's recorded epsilon is at least the log's largest (charges removed
+    from the end, an older copy restored, the ledger deleted with its lock file); every epsilon
     the log recorded is one the ledger's charges reached (a charge removed from the middle, checksum recomputed,
     is caught here); and `epsilon_recomputed`, the ledger's epsilon recomputed from its (sigma, q, steps) when the
     caller has it, is not below the log's largest (charges rewritten to smaller ones).
     """
-    reached = [0.0, *(e.epsilon_after for e in ledger.entries)]
-    highest, at = 0.0, None
-    for number, record, value in _epsilons(egress_path, records):
-        if value > highest:
-            highest, at = value, (number, record)
-        if not any(math.isclose(value, r, rel_tol=SAME_EPSILON_REL, abs_tol=1e-12) for r in reached):
-            raise LedgerBehindEgressError(
-                f"Site {ledger.site}: its egress log {egress_path} (line {number}, {_where(record)}) records "
-                f"epsilon {value:.6g} spent, a value no charge in its ledger {ledger_path} reaches: charges were "
-                "removed or rewritten, or an older copy of the ledger was restored. "
-                + _REFUSAL)
+    seen = list(_epsilons(egress_path, records))
+    if not seen:
+        return 0.0
+    number, record, highest = max(seen, key=lambda item: item[2])
+    where = f"line {number}, {_where(record)}"
     recorded = ledger.epsilon_recorded
-    if at is not None and recorded < highest and not math.isclose(recorded, highest, rel_tol=SAME_EPSILON_REL):
-        number, record = at
+    if recorded < highest and not math.isclose(recorded, highest, rel_tol=SAME_EPSILON_REL):
         raise LedgerBehindEgressError(
             f"Site {ledger.site}: its ledger {ledger_path} shows epsilon {recorded:.6g} spent, but its egress log "
-            f"{egress_path} recorded {highest:.6g} (line {number}, {_where(record)}): charges were removed, or an "
-            f"older copy of the ledger was restored. " + _REFUSAL)
-    if at is not None and epsilon_recomputed is not None and epsilon_recomputed < highest * (1 - RECOMPUTED_REL):
-        number, record = at
+            f"{egress_path} recorded {highest:.6g} ({where}): charges were removed, or an older copy of the ledger "
+            "was restored. " + _REFUSAL)
+    reached = sorted({0.0, *(e.epsilon_after for e in ledger.entries)})
+    for n, r, value in seen:
+        if not _reached(value, reached):
+            raise LedgerBehindEgressError(
+                f"Site {ledger.site}: its egress log {egress_path} (line {n}, {_where(r)}) records epsilon "
+                f"{value:.6g} spent, a value no charge in its ledger {ledger_path} reaches: charges were removed or "
+                "rewritten. " + _REFUSAL)
+    if epsilon_recomputed is not None and epsilon_recomputed < highest * (1 - RECOMPUTED_REL):
         raise LedgerBehindEgressError(
             f"Site {ledger.site}: its ledger {ledger_path}, recomputed from its charges (sigma, q, steps), shows "
             f"epsilon {epsilon_recomputed:.6g} spent, but its egress log {egress_path} recorded {highest:.6g} "
-            f"(line {number}, {_where(record)}): charges were rewritten. " + _REFUSAL)
+            f"({where}): charges were rewritten. " + _REFUSAL)
     return highest
 
 
