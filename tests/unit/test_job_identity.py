@@ -139,3 +139,21 @@ def test_the_server_sends_the_job_id_with_every_round() -> None:
     strategy = FedSiloStrategy.__new__(FedSiloStrategy)
     strategy.job, strategy.fingerprint = JobConfig(job_id="job-a"), "f"
     assert strategy._config(1)[keys.CFG_JOB_ID] == "job-a"
+
+
+def test_the_client_passes_the_job_id_it_was_sent_and_none_from_an_older_server() -> None:
+    from client.app import DepartmentClient
+    from client.runner import FitOutcome
+
+    seen: list[str | None] = []
+
+    class Fake:
+        def fit(self, arrays: object, server_round: int, num_rounds: int, fingerprint: str | None,
+                job_id: str | None = None) -> FitOutcome:
+            seen.append(job_id)
+            return FitOutcome([], 0, {})
+
+    client = DepartmentClient(Fake())  # type: ignore[arg-type]
+    client.fit([], {keys.CFG_ROUND: 1, keys.CFG_NUM_ROUNDS: 2, keys.CFG_JOB_ID: "job-a"})
+    client.fit([], {keys.CFG_ROUND: 1, keys.CFG_NUM_ROUNDS: 2})
+    assert seen == ["job-a", None]
