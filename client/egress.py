@@ -12,7 +12,9 @@ site's ledger, *before* the reply is handed to Flower:
 
 Lines are chained (each holds the sha256 of the previous line), so an edited or deleted line is detected by
 `read_egress_log`. If the record cannot be written the reply is not released (the ClientApp raises): nothing
-leaves a site unrecorded except Flower's own error report of that failure.
+leaves a site unrecorded except Flower's own error report of that failure. Reading the log, and checking the
+site's ledger against its epsilon records, live in `client.egress_log` (no Flower import: the department's runner
+checks before it charges).
 """
 
 from __future__ import annotations
