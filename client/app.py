@@ -36,8 +36,10 @@ class DepartmentClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: Scalars) -> tuple[list[np.ndarray], int, Scalars]:
         fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
+        job_id = config.get(keys.CFG_JOB_ID)  # absent from servers before job ids: the department uses the run id
         outcome = self.department.fit(parameters, int(config[keys.CFG_ROUND]), int(config[keys.CFG_NUM_ROUNDS]),
-                                      str(fingerprint) if fingerprint else None)
+                                      str(fingerprint) if fingerprint else None,
+                                      job_id=str(job_id) if job_id is not None else None)
         return outcome.update, outcome.num_examples, dict(outcome.metrics)
 
     def evaluate(self, parameters: list[np.ndarray], config: Scalars) -> tuple[float, int, Scalars]:

@@ -32,14 +32,21 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     egress_path = egress_log_path(Path(site.ledger))
     egress = read_egress_log(egress_path)
     checks = []
+    egress_highest = 0.0
     if args.check:
+        from client.egress_log import check_against_egress
         from common.accountant_check import check_ledger
 
+        # First, before anything is shown: a ledger showing less spent than the egress log is refused (exit 2).
+        egress_highest = check_against_egress(ledger, egress, egress_path, Path(site.ledger),
+                                              epsilon_recomputed=ledger.epsilon)
         checks = check_ledger(ledger.entries, ledger.delta, ledger.accountant)
     if args.json:
         doc = ledger.body() | {"epsilon_spent": ledger.epsilon, "remaining": ledger.remaining,
                                "egress_log": str(egress_path), "egress": egress}
         if args.check:
+            doc["egress_check"] = {"ledger_epsilon": ledger.epsilon_recorded, "egress_highest": egress_highest,
+                                   "agrees": True}
             doc["accountant_check"] = [vars(c) | {"relative_difference": c.relative_difference, "agrees": c.agrees}
                                        for c in checks]
         print(json.dumps(doc, indent=2))
@@ -48,7 +55,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     print(f"site {ledger.site}: spent epsilon {ledger.epsilon:.4f} of {ledger.epsilon_budget:g} "
           f"(delta {ledger.delta:g}, {ledger.accountant} accountant); remaining {ledger.remaining:.4f}")
     for e in ledger.entries:
-        print(f"  run {e.run_id} round {e.round}: sigma={e.noise_multiplier:.4f} q={e.sample_rate:.4f} "
+        print(f"  run {e.run_id} job {e.job_id} round {e.round}: sigma={e.noise_multiplier:.4f} q={e.sample_rate:.4f} "
               f"steps={e.steps} -> epsilon {e.epsilon_after:.4f}")
     if args.check:
         print(f"accountant cross-check (recomputed with Opacus from the recorded sigma, q, steps, delta; "
@@ -57,6 +64,9 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             print(f"  run {c.run_id} round {c.round}: ledger {c.recorded:.4f}, {ledger.accountant} {c.configured:.4f} "
                   f"({100 * c.relative_difference:.3f}% off: {'agrees' if c.agrees else 'DISAGREES'}), "
                   f"RDP {c.rdp:.4f}, PRV {c.prv:.4f}")
+        print(f"egress cross-check: the ledger shows epsilon {ledger.epsilon_recorded:.4f} (recomputed "
+              f"{ledger.epsilon:.4f}), the egress log's highest is {egress_highest:.4f}, and every epsilon it "
+              "recorded is one the ledger's charges reached: agrees")
     print(f"egress log {egress_path}: {len(egress)} message(s) sent, {sum(r.get('bytes', 0) for r in egress)} bytes")
     for record in egress:
         print(f"  {format_record(record)}")
@@ -82,5 +92,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.add_argument("--check", action="store_true",
                    help="recompute every charge with Opacus' RDP and PRV accountants (exit 2 if the ledger "
-                        "disagrees with its own accountant by more than 1%%)")
+                        "disagrees with its own accountant by more than 1%%), and compare the ledger with the "
+                        "egress log's epsilon records (exit 2 if the ledger shows less spent)")
     b.set_defaults(func=_cmd_budget)

@@ -12,12 +12,13 @@ site's ledger, *before* the reply is handed to Flower:
 
 Lines are chained (each holds the sha256 of the previous line), so an edited or deleted line is detected by
 `read_egress_log`. If the record cannot be written the reply is not released (the ClientApp raises): nothing
-leaves a site unrecorded except Flower's own error report of that failure.
+leaves a site unrecorded except Flower's own error report of that failure. Reading the log, and checking the
+site's ledger against its epsilon records, live in `client.egress_log` (no Flower import: the department's runner
+checks before it charges).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 
 from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, SecAggKey
+from client.egress_log import FORMAT, GENESIS, egress_lock_path, egress_log_path, line_hash, read_egress_log
 from client.ledger import LedgerFile
 from client.policy import observed_server_fingerprint
 from client.site import SiteConfig
@@ -36,16 +38,6 @@ from common.errors import EgressLogError, FedsiloError
 from common.files import PRIVATE_MODE, append_durable, exclusive_lock
 
 log = logging.getLogger(__name__)
-
-FORMAT = "fedsilo-egress/1"
-SUFFIX = ".egress.jsonl"
-GENESIS = "0" * 64  # prev_sha256 of the first line
-
-
-def egress_log_path(ledger_path: Path) -> Path:
-    """The egress log lives next to the site's ledger: `ledger.json` -> `ledger.egress.jsonl`."""
-    return ledger_path.with_name(ledger_path.stem + SUFFIX)
-
 
 def _value_summary(value: Any) -> dict[str, Any]:
     """Type and size of a config/metric value, never the value."""
@@ -109,52 +101,14 @@ def _server_identity(site: SiteConfig) -> dict[str, Any]:
     return out
 
 
-def _line_hash(line: bytes) -> str:
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
-
-
-def _parse_lines(path: Path, data: bytes) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    prev = GENESIS
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:
-        raise EgressLogError(f"Egress log {path}: the last line is torn (no newline).")
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EgressLogError(f"Egress log {path}: line {number} is not JSON ({exc.msg}).") from exc
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise EgressLogError(f"Egress log {path}: line {number} is not a {FORMAT} record.")
-        if record.get("prev_sha256") != prev:
-            raise EgressLogError(f"Egress log {path}: line {number} does not chain to the line before it "
-                                 "(a line was edited, removed or inserted).")
-        prev = _line_hash(line)
-        records.append(record)
-    return records
-
-
-def read_egress_log(path: Path) -> list[dict[str, Any]]:
-    """Every record of an egress log, after checking the hash chain (a missing log means nothing was sent)."""
-    if not path.exists():
-        return []
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EgressLogError(f"Egress log {path} cannot be read: {exc}") from exc
-    return _parse_lines(path, data)
-
-
 def append_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append `record` (chained to the last line) durably; returns what was written."""
-    with exclusive_lock(path.with_name(path.name + ".lock")):
+    with exclusive_lock(egress_lock_path(path)):
         existing = read_egress_log(path)
         prev = GENESIS
         if existing:
             last = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
-            prev = _line_hash(last)
+            prev = line_hash(last)
         full = {"format": FORMAT, **record, "prev_sha256": prev}
         line = json.dumps(full, sort_keys=True, allow_nan=False).encode() + b"\n"
         try:

@@ -4,8 +4,13 @@ The file is JSON with a sha256 checksum of its body, written atomically by `comm
 rename, fsync of the directory) under an exclusive lock (`<ledger>.lock`, held for the whole read-charge-write).
 A missing file means nothing was spent, unless the lock file records that a ledger was written here before: then
 the ledger was deleted or lost, and the site refuses to train rather than start again from zero. An unreadable,
-corrupted, torn or foreign file raises `LedgerError` and the site refuses to train. Each charge records (round,
-sigma, q, steps, delta, epsilon after), so anyone can recompute epsilon with Opacus.
+corrupted, torn or foreign file raises `LedgerError` and the site refuses to train. Each charge records (run id,
+job id, round, sigma, q, steps, delta, epsilon after), so anyone can recompute epsilon with Opacus.
+
+Formats: `fedsilo-ledger/2` (written) records each charge's job id, the job's identity across resumes, on which the
+per-job cap is counted; `fedsilo-ledger/1` (read) has none: each of its charges counts as a job of its own run id.
+The checksum only detects accidents: who can write the file can recompute it. `check_against_egress` compares the
+ledger with the site's hash-chained egress log, which records the epsilon the site had spent each time it sent.
 
 Crash safety: a charge is durable (file and directory fsynced) before `charge` returns, and the caller trains
 only after it returns, so a crash at any point can only over-count. A crash mid-write leaves the previous ledger
@@ -33,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fedsilo-ledger/1"
+FORMAT = "fedsilo-ledger/2"
+READABLE_FORMATS = ("fedsilo-ledger/1", FORMAT)  # /1: charges without a job id (their run id stands in for it)
 # Written into the lock file once the ledger file exists: from then on a missing ledger is an error, not "empty".
 CREATED_MARK = "fedsilo-ledger: a ledger was written beside this lock file; it must not disappear.\n"
 
@@ -48,6 +54,11 @@ class LedgerEntry:
     delta: float
     epsilon_after: float
     time: float
+    job_id: str = ""  # "" only while constructing: `__post_init__` makes it the run id (ledgers before job ids)
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            object.__setattr__(self, "job_id", self.run_id)
 
     @property
     def charge(self) -> Charge:
@@ -95,8 +106,9 @@ def _parse(path: Path, text: str) -> Ledger:
     try:
         doc = json.loads(text)
         body, checksum = doc["body"], doc["sha256"]
-        if body.get("format") != FORMAT:
-            raise LedgerError(f"Ledger {path} has format {body.get('format')!r}, expected {FORMAT!r}.")
+        if body.get("format") not in READABLE_FORMATS:
+            raise LedgerError(f"Ledger {path} has format {body.get('format')!r}, expected one of "
+                              f"{', '.join(map(repr, READABLE_FORMATS))}.")
         if _checksum(body) != checksum:
             raise LedgerError(f"Ledger {path} failed its checksum: it was modified or corrupted. Refusing to train.")
         entries = [LedgerEntry(**e) for e in body["entries"]]
@@ -195,8 +207,10 @@ class LedgerFile:
         ledger.epsilon_budget = self.epsilon_budget
         return ledger
 
-    def charge(self, ledger: Ledger, *, run_id: str, server_round: int, charge: Charge) -> LedgerEntry:
-        """Append a charge if it fits the budget, and persist it atomically before returning."""
+    def charge(self, ledger: Ledger, *, run_id: str, server_round: int, charge: Charge,
+               job_id: str = "") -> LedgerEntry:
+        """Append a charge if it fits the budget, and persist it atomically before returning. `job_id` ""
+        (a server from before job ids): the run id stands in for it."""
         from common.privacy import check_charge
 
         sigma, q, steps = charge
@@ -204,7 +218,7 @@ class LedgerFile:
             raise LedgerError(f"Refusing an invalid charge sigma={sigma}, q={q}, steps={steps}.")
         after = check_charge(ledger.history, charge, ledger.epsilon_budget, ledger.delta, ledger.accountant)
         entry = LedgerEntry(run_id=run_id, round=server_round, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                            delta=ledger.delta, epsilon_after=after, time=time.time())
+                            delta=ledger.delta, epsilon_after=after, time=time.time(), job_id=job_id)
         ledger.entries.append(entry)
         try:
             write_atomic(self.path, _serialise(ledger), mode=PRIVATE_MODE)

@@ -51,8 +51,9 @@ class SitePolicy(Settings):
     approved_apps: tuple[str, ...] = option((), help=f'app digests (sha256:...) the site runs, or "{INSTALLED}" '
                                             "for the app bundle of the fedsilo installed at the site; empty: refuse "
                                             "every job", convert=_approved)
-    max_epsilon_per_job: float | None = option(None, help="most epsilon one job (run) may spend here; absent: the "
-                                               "whole budget", gt=0)
+    max_epsilon_per_job: float | None = option(None, help="most epsilon one job may spend here, counted over "
+                                               "all its runs (a resumed job keeps its job-id) and, to be strict, "
+                                               "all charges of the current run; absent: the whole budget", gt=0)
     max_rounds_per_job: int | None = option(None, help="most training rounds a job may ask for; absent: no limit",
                                             gt=0)
     server_fingerprint: str = option("", help="SHA-256 fingerprint of the server certificate this site trusts "

@@ -2,7 +2,8 @@
 
 Order of operations for a training round, all on site:
 1. resolve the site's own config and check the job against it (labels, DP, data usable, model fingerprint);
-2. plan the round's DP charge from the site's ledger and budget, decline if it does not fit;
+2. check the site's ledger against its egress log (it must not show less spent than was recorded on the way out),
+   plan the round's DP charge from the ledger, the site's budget and its per-job cap, decline if it does not fit;
 3. charge the ledger (atomically) *before* training, so a crash can only over-count;
 4. train with DP-SGD, check Opacus recorded exactly the charged steps;
 5. check the update (arrays, finiteness, norm bound) before SecAgg+ masks it;
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from client.egress_log import check_against_egress, egress_log_path, read_egress_log_locked
 from client.ledger import Ledger, LedgerFile
 from client.site import SiteConfig
 from client.train import train_round
 from common import keys
-from common.config import JobConfig
+from common.config import JOB_ID_CHARS, JOB_ID_MAX, JobConfig
 from common.data import Split
 from common.errors import (
     BudgetExhaustedError,
@@ -36,7 +38,7 @@ from common.errors import (
 from common.model import BuiltModel, base_fingerprint, build_model, device, trainable_names
 from common.params import get_trainable, max_abs, set_trainable, subtract
 from common.preflight import check_department_data
-from common.privacy import noise_for_budget, sample_rate, steps_per_round
+from common.privacy import Charge, epsilon_spent, noise_for_budget, sample_rate, steps_per_round
 from common.text import Encoded, encode, evaluate
 from common.updates import check_update
 
@@ -87,8 +89,19 @@ class Department:
         return {keys.M_DEPARTMENT: self.site.name, keys.M_STATUS: status, keys.M_EPSILON: ledger.epsilon,
                 keys.M_DELTA: self.site.delta, keys.M_NUM_EXAMPLES: len(self.split.train_texts)}
 
+    def job_id(self, sent: str | None) -> str:
+        """The job id the server sent in the fit config, checked; none sent (a server from before job ids): the
+        run id stands in for it, so the per-job cap is counted per run, as before."""
+        if sent is None or sent == "":
+            return self.run_id
+        if len(sent) > JOB_ID_MAX or not set(sent) <= JOB_ID_CHARS:
+            raise PolicyError(f"Site {self.site.name} refuses the job: its job id {sent[:80]!r} is not up to "
+                              f"{JOB_ID_MAX} letters, digits, '.', '_' or '-'.")
+        return sent
+
     def fit(self, global_arrays: list[np.ndarray], server_round: int, num_rounds: int,
-            fingerprint: str | None) -> FitOutcome:
+            fingerprint: str | None, job_id: str | None = None) -> FitOutcome:
+        """Train one round. `job_id`: the job's identity across resumes, as the server sent it (None: the run id)."""
         if not self.job.dp and not self.site.allow_non_private:
             raise PrivacyError(f"Site {self.site.name} does not allow training without DP (allow_non_private).")
         n = len(self.split.train_texts)
@@ -104,16 +117,19 @@ class Department:
         q = sample_rate(self.job.batch_size, n)
         steps = steps_per_round(self.job.local_epochs, q)
         with self.ledger_file.open() as ledger:
+            self._check_egress(ledger)
             try:
+                this_job = self.job_id(job_id)
                 self.site.policy.check_job(self.site.name, self.job)
             except PolicyError as exc:
                 return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_POLICY, exc)
             sigma: float | None = None
             if self.job.dp:
                 try:
-                    sigma = self._plan_noise(ledger, q, steps * max(1, num_rounds - server_round + 1))
+                    sigma = self._plan_noise(ledger, q, steps * max(1, num_rounds - server_round + 1), this_job)
+                    self._check_job_cap(ledger, this_job, (sigma, q, steps))
                     self.ledger_file.charge(ledger, run_id=self.run_id, server_round=server_round,
-                                            charge=(sigma, q, steps))
+                                            charge=(sigma, q, steps), job_id=this_job)
                 except BudgetExhaustedError as exc:
                     return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_BUDGET, exc)
             metrics = self._base_metrics(ledger, keys.STATUS_TRAINED)
@@ -139,14 +155,39 @@ class Department:
                         keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds})
         return FitOutcome(update, n, metrics)
 
-    def _plan_noise(self, ledger: Ledger, q: float, steps: int) -> float:
+    def _check_egress(self, ledger: Ledger) -> None:
+        """Before anything is charged: the ledger must show at least what the site's egress log recorded it had
+        spent when it sent (`LedgerBehindEgressError` otherwise: a ledger with charges removed, re-checksummed)."""
+        egress = egress_log_path(self.ledger_file.path)
+        check_against_egress(ledger, read_egress_log_locked(egress), egress, self.ledger_file.path,
+                             epsilon_recomputed=ledger.epsilon)
+
+    def _check_job_cap(self, ledger: Ledger, job_id: str, charge: Charge) -> None:
+        """Fail closed: this job's charges with `charge` added stay within the policy's per-job cap (the plan
+        should already ensure it; this checks the charge that is about to be made, independently of the plan)."""
+        cap = self.site.policy.max_epsilon_per_job
+        if cap is None:
+            return
+        after = epsilon_spent([*self.this_jobs_charges(ledger, job_id), charge], ledger.delta, ledger.accountant)
+        if not math.isfinite(after) or after > cap:
+            raise BudgetExhaustedError(f"Site {self.site.name}: this round would bring job {job_id}'s epsilon to "
+                                       f"{after:.4g}, over the site's per-job cap {cap:g} (max_epsilon_per_job).")
+
+    def this_jobs_charges(self, ledger: Ledger, job_id: str) -> list[Charge]:
+        """The charges the per-job cap counts: every charge of this job, in any of its runs (a job resumed after a
+        crash runs again under a new run id, with the same job id), and, to be strict, every charge made in this
+        run (should a server send different job ids within one run)."""
+        return [e.charge for e in ledger.entries if e.job_id == job_id or e.run_id == self.run_id]
+
+    def _plan_noise(self, ledger: Ledger, q: float, steps: int, job_id: str | None = None) -> float:
         """Noise for `steps` more steps that keeps the site within its total budget and, when its policy caps
-        one job's spending, this job's own charges within that cap (the larger noise satisfies both)."""
+        one job's spending, this job's own charges (`this_jobs_charges`) within that cap (the larger noise
+        satisfies both)."""
         sigma = noise_for_budget(history=ledger.history, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta,
                                  q=q, steps=steps, accountant=ledger.accountant)
         cap = self.site.policy.max_epsilon_per_job
         if cap is not None:
-            this_job = [e.charge for e in ledger.entries if e.run_id == self.run_id]
+            this_job = self.this_jobs_charges(ledger, job_id or self.run_id)
             sigma = max(sigma, noise_for_budget(history=this_job, epsilon_budget=cap, delta=ledger.delta, q=q,
                                                 steps=steps, accountant=ledger.accountant))
         return sigma

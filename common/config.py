@@ -24,6 +24,15 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 SECAGG_MODULUS = 2**32
 
 RunConfig = Mapping[str, bool | int | float | str]
+JOB_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+JOB_ID_MAX = 64
+
+
+def _job_id(value: str) -> str:
+    """A job id as given ("" stays ""): short and plain, since it travels in every fit config and every ledger."""
+    if len(value) > JOB_ID_MAX or not set(value) <= JOB_ID_CHARS:
+        raise ValueError(f"must be at most {JOB_ID_MAX} letters, digits, '.', '_' or '-', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,10 @@ class JobConfig(Settings):
     out_dir: str = option("", help='where the server writes report, CSV, plots and checkpoints ("": none)')
     resume: bool = option(False, help="continue the run whose checkpoint is in out-dir (`--resume`), from its last "
                           "round", note="needs out-dir")
+    job_id: str = option("", help="the job's identity, kept across `--resume`: each site counts its per-job epsilon "
+                         "cap (policy max_epsilon_per_job) over every charge of this job, in whichever run it was "
+                         'made; "": the server generates one when the job starts (a resume keeps the checkpoint\'s)',
+                         convert=_job_id, note="up to 64 letters, digits, '.', '_' or '-'")
     round_retries: int = option(1, help="times a round whose secure aggregation halted is retried before it "
                                 "counts as failed", ge=0)
     stage_timeout: float = option(1800.0, help="seconds the server waits for replies to one message exchange (a "

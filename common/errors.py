@@ -29,6 +29,11 @@ class LedgerError(PrivacyError):
     """A privacy ledger is unreadable, corrupted, or belongs to another site or budget."""
 
 
+class LedgerBehindEgressError(LedgerError):
+    """A ledger shows less epsilon spent than the site's hash-chained egress log recorded when it sent: charges
+    were removed or rewritten (its checksum recomputed), or an older copy was restored; the site refuses it."""
+
+
 class BudgetExhaustedError(PrivacyError):
     """Training the requested round would exceed the site's privacy budget."""
 

@@ -6,6 +6,9 @@ from typing import Final
 CFG_ROUND: Final = "server-round"
 CFG_NUM_ROUNDS: Final = "num-server-rounds"
 CFG_MODEL_FINGERPRINT: Final = "model-fingerprint"
+# The job's identity across resumes (the run config's `job-id`), which sites key their per-job epsilon cap on.
+# Absent (a server from before job ids): the department uses the Flower run id instead.
+CFG_JOB_ID: Final = "job-id"
 
 # Metric keys sent back by a department (aggregate values only; never per-example data).
 M_DEPARTMENT: Final = "department"

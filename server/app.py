@@ -21,7 +21,7 @@ from common.paths import run_out_dir
 from server.checkpoint import save_checkpoint
 from server.recording import run_summary
 from server.report import RunRecorder
-from server.resume import resume_state
+from server.resume import job_identity, resume_state
 from server.secagg import run_workflow
 from server.strategy import CentralEval, FedSiloStrategy, RoundHook
 
@@ -54,6 +54,7 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
         rc = {**context.run_config, **fixed}
         job, sim = resolve_job(rc)
         out_dir = run_out_dir(job.out_dir, context.run_id)
+        job = job_identity(job, out_dir)  # sent to departments with every round; kept in the checkpoint
         sites = simulated_sites(job, sim, out_dir) if simulated_sites is not None else None
         built = build_model(job, len(job.label_names))
         run_config = as_run_config(job, sim)

@@ -33,6 +33,9 @@ VERSIONED = ("torch", "flwr", "opacus", "transformers", "peft")
 # Run-config keys a resumed job may change: where the run lives, how it is started and how patient it is.
 # Everything else (model, data, DP, SecAgg+, optimisation, rounds, labels, seed) must be what the checkpoint says.
 MAY_DIFFER_ON_RESUME = frozenset({"out-dir", "resume", "min-departments", "round-retries", "stage-timeout"})
+# The job's identity: a resume keeps the checkpoint's ("" asked: keep it; another id: refused). A checkpoint
+# written before job ids has none: the resumed job gets a new one (its earlier charges count under their run id).
+JOB_ID = "job-id"
 
 
 def library_versions() -> dict[str, str]:
@@ -106,19 +109,24 @@ def resume_config(saved: RunConfig, asked: RunConfig, run_dir: Path) -> dict[str
     """The run config of a resumed job: the checkpoint's, with the keys `asked` may change.
 
     Raises ConfigError naming every key whose asked value differs from the checkpoint's (except
-    MAY_DIFFER_ON_RESUME): a resumed job must train the same model the same way.
+    MAY_DIFFER_ON_RESUME): a resumed job must train the same model the same way. The job keeps its identity:
+    `job-id` is the checkpoint's (asked "" keeps it; a different one is refused).
     """
     if not saved:
         raise ConfigError(f"Cannot resume: the checkpoint in {run_dir} records no job config.")
+    saved_id, asked_id = str(saved.get(JOB_ID) or ""), str(asked.get(JOB_ID) or "")
     differ = sorted(k for k, v in asked.items()
-                    if k not in MAY_DIFFER_ON_RESUME and k in saved and not _same(saved[k], v))
-    unknown = sorted(k for k in asked if k not in saved and k not in MAY_DIFFER_ON_RESUME)
+                    if k not in MAY_DIFFER_ON_RESUME and k != JOB_ID and k in saved and not _same(saved[k], v))
+    if saved_id and asked_id and asked_id != saved_id:
+        differ = sorted([*differ, JOB_ID])
+    unknown = sorted(k for k in asked if k not in saved and k not in MAY_DIFFER_ON_RESUME and k != JOB_ID)
     if differ or unknown:
         details = ", ".join([f"{k}: checkpoint {saved[k]!r}, asked {asked[k]!r}" for k in differ]
                             + [f"{k}: not in the checkpoint" for k in unknown])
         raise ConfigError(f"Cannot resume {run_dir} with a different job ({details}). Only "
                           f"{', '.join(sorted(MAY_DIFFER_ON_RESUME))} may change; start a new run otherwise.")
-    return {**saved, **{k: v for k, v in asked.items() if k in MAY_DIFFER_ON_RESUME}, "resume": True}
+    return {**saved, **{k: v for k, v in asked.items() if k in MAY_DIFFER_ON_RESUME}, "resume": True,
+            JOB_ID: saved_id or asked_id}
 
 
 def _same(a: bool | int | float | str, b: bool | int | float | str) -> bool:

@@ -3,13 +3,17 @@
 The checkpoint is the source of truth: a round whose report was written but whose checkpoint was not (a crash
 between the two) is run again. The departments' ledgers are theirs and persist: a department that trained in a
 round that is run again is charged again (over-counting, never under-counting), and plans its noise from its
-remaining budget over the remaining rounds, which the resumed run numbers as the original would have.
+remaining budget over the remaining rounds, which the resumed run numbers as the original would have. The resumed
+run has a new Flower run id but the same job id (`job_identity`), so each site's per-job epsilon cap counts the
+charges of every run of the job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +21,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.config import JobConfig, RunConfig
 from common.errors import ConfigError
-from server.checkpoint import load_checkpoint, resume_config, warn_on_version_change
+from server.checkpoint import JOB_ID, load_checkpoint, resume_config, warn_on_version_change
 from server.records import ResumeRecord, RunReport, load_report, read_report
 from server.report import REPORT_JSON, RunRecorder
 
 log = logging.getLogger(__name__)
+
+
+def job_identity(job: JobConfig, run_dir: Path) -> JobConfig:
+    """`job` with its identity (`job-id`), which departments count their per-job epsilon cap on: the one the run
+    config names; else, on resume, the checkpoint's (a resume is the same job); else a new one (uuid4 hex)."""
+    job_id = job.job_id
+    if not job_id and job.resume:
+        job_id = str(load_checkpoint(run_dir).run_config.get(JOB_ID) or "")
+        if not job_id:
+            log.warning("resume: the checkpoint in %s records no job id (written before job ids): the resumed job "
+                        "gets a new one; sites count its earlier charges under their own run id", run_dir)
+    if not job_id:
+        job_id = uuid.uuid4().hex
+    log.info("server: job id %s", job_id)
+    return dataclasses.replace(job, job_id=job_id)
 
 
 def resume_job(run_dir: Path, asked: RunConfig) -> dict[str, bool | int | float | str]:

@@ -78,7 +78,7 @@ class FedSiloStrategy(Strategy):
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {keys.CFG_ROUND: server_round, keys.CFG_NUM_ROUNDS: self.job.num_server_rounds,
-                keys.CFG_MODEL_FINGERPRINT: self.fingerprint}
+                keys.CFG_MODEL_FINGERPRINT: self.fingerprint, keys.CFG_JOB_ID: self.job.job_id}
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:

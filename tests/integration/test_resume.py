@@ -120,6 +120,7 @@ def test_sigkill_after_a_round_then_resume(tmp_path: Path) -> None:
         # The killed run and the resumed one (two run ids) number rounds as one job: resumed rounds follow.
         runs = [e.run_id for e in ledger.entries]
         assert len(set(runs)) == 2
+        assert {e.job_id for e in ledger.entries} == {report["config"]["job-id"]}  # one job across both runs
         resumed_rounds = [e.round for e in ledger.entries if e.run_id == runs[-1]]
         assert resumed_rounds == list(range(killed_after + 1, ROUNDS + 1))
         afters = [e.epsilon_after for e in ledger.entries]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from common import keys
@@ -210,3 +212,38 @@ def test_server_run_resume_checks_before_submitting(tmp_path: Path, model, capsy
     assert "--out and --labels are required" in capsys.readouterr().err
     assert main(["server", "run", "--state-dir", str(state), "--out", str(out), "--labels", "neg,pos"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_resume_keeps_the_job_id(tmp_path: Path, model) -> None:
+    """F1: the job's identity survives a resume; sites count their per-job cap on it (tests/unit/test_job_identity)."""
+    from server.checkpoint import JOB_ID
+    from server.resume import job_identity
+
+    assert JOB_ID not in MAY_DIFFER_ON_RESUME
+    new = job_identity(JOB, tmp_path)  # a new job: the server generates its id
+    assert len(new.job_id) == 32 and job_identity(JOB, tmp_path).job_id != new.job_id
+    _save(tmp_path, model, server_round=1, job=new)
+    saved = load_checkpoint(tmp_path).run_config
+    assert saved[JOB_ID] == new.job_id
+    resumed = job_identity(replace(JOB, resume=True, out_dir=str(tmp_path)), tmp_path)
+    assert resumed.job_id == new.job_id  # the resumed run (a new Flower run id) is the same job
+    for asked in ({}, {JOB_ID: ""}, {JOB_ID: new.job_id}):
+        assert resume_config(saved, asked, tmp_path)[JOB_ID] == new.job_id
+    with pytest.raises(ConfigError, match="job-id: checkpoint"):
+        resume_config(saved, {JOB_ID: "another-job"}, tmp_path)
+    start = resume_state(tmp_path, model, as_run_config(resumed, SimulationConfig()), 8.0)
+    assert start.recorder.report.config[JOB_ID] == new.job_id
+
+
+def test_a_checkpoint_from_before_job_ids_resumes_under_a_new_one(tmp_path: Path, model) -> None:
+    from server.checkpoint import JOB_ID
+    from server.resume import job_identity
+
+    _save(tmp_path, model, server_round=1)
+    doc = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del doc["run_config"][JOB_ID]
+    torch.save(doc, tmp_path / CHECKPOINT)
+    resumed = job_identity(replace(JOB, resume=True, out_dir=str(tmp_path)), tmp_path)
+    assert resumed.job_id
+    assert resume_config(load_checkpoint(tmp_path).run_config, {JOB_ID: resumed.job_id}, tmp_path)[JOB_ID] \
+        == resumed.job_id
