@@ -8,6 +8,7 @@ bottom layer, imports none of them. Every fedsilo error becomes one clear messag
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import signal
@@ -228,7 +229,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"fedsilo: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     args = parser.parse_args(argv)
-    console = configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args))
     except FedsiloError as exc:
@@ -237,8 +238,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("fedsilo: interrupted", file=sys.stderr)
         return 130
-    finally:
-        unconfigure_logging(console)
 
 
 def _discard_stdout() -> None:
@@ -272,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         logging.getLogger(__name__).debug("stdout was closed by its reader", exc_info=True)
         return EXIT_BROKEN_PIPE
+    finally:
+        unconfigure_logging()  # tests call main in-process: leave logging as it was found
     return status
 
 

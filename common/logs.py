@@ -40,10 +40,8 @@ class _FlowerConsoleFilter(logging.Filter):
 def configure_logging(verbose: bool = False) -> logging.Handler:
     """One console handler on stderr (INFO, or DEBUG with `verbose`), Flower's coloured console handler removed so
     its records are printed once, by ours. Returns the handler (`unconfigure_logging` removes it)."""
+    unconfigure_logging()  # an earlier call's handler; other handlers (a test runner's) stay
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_fedsilo", False):  # an earlier call's (a test calling main twice); others stay
-            root.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(FORMAT))
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -59,9 +57,12 @@ def configure_logging(verbose: bool = False) -> logging.Handler:
     return console
 
 
-def unconfigure_logging(handler: logging.Handler) -> None:
+def unconfigure_logging() -> None:
     """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process)."""
-    logging.getLogger().removeHandler(handler)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_fedsilo", False):
+            root.removeHandler(handler)
 
 
 def adopt_flower_logger() -> None:
