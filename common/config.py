@@ -86,6 +86,9 @@ class JobConfig(Settings):
                          convert=_job_id, note="up to 64 letters, digits, '.', '_' or '-'")
     round_retries: int = option(1, help="times a round whose secure aggregation halted is retried before it "
                                 "counts as failed", ge=0)
+    max_idle_rounds: int = option(3, help="end the job early (report outcome ended_early, non-zero exit) after "
+                                  "this many consecutive rounds in which fewer than min-departments trained "
+                                  "(declined, failed or dropped); 0: never", ge=0)
     stage_timeout: float = option(1800.0, help="seconds the server waits for replies to one message exchange (a "
                                   "SecAgg+ stage, training, evaluation); a department still silent then counts as "
                                   "dropped for the round (otherwise Flower waits for the message's TTL, 12 h, when "

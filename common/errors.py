@@ -53,3 +53,7 @@ class EgressLogError(PrivacyError):
 
 class InvalidUpdateError(FedsiloError):
     """A model update is unusable (wrong arrays, not finite, or over the norm bound); it is never sent or applied."""
+
+
+class JobEndedEarlyError(FedsiloError):
+    """Too few departments could train for `max-idle-rounds` rounds in a row: the job stops."""

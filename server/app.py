@@ -14,12 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
+from common.errors import JobEndedEarlyError
 from common.memory import PeakMemoryMonitor
 from common.model import base_fingerprint, build_model
 from common.params import get_trainable
 from common.paths import run_out_dir
 from server.checkpoint import save_checkpoint
-from server.recording import run_summary
+from server.recording import idle_reason, idle_rounds, run_summary
 from server.report import RunRecorder
 from server.resume import job_identity, resume_state
 from server.secagg import run_workflow
@@ -79,16 +80,25 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
             checkpoint(strategy.global_arrays, rec.rounds[-1].round)
             if on_round is not None:
                 on_round(rec)
+            if job.max_idle_rounds and idle_rounds(rec.rounds, job.min_departments) >= job.max_idle_rounds:
+                raise JobEndedEarlyError(idle_reason(rec.rounds, job.min_departments))
 
         strategy = FedSiloStrategy(job, initial, base_fingerprint(built.model), recorder, central, after_round)
         log.info("server: job with %d rounds, model %s (%s), %d trainable tensors, DP %s, SecAgg+ %s; out %s",
                  job.num_server_rounds, job.model, job.finetune, len(initial), job.dp, job.secagg, out_dir)
         if completed == 0:
             checkpoint(initial, 0)  # from now on the run can be resumed, even before its first round ends
+        ended_early = None
         with memory:
-            run_workflow(grid, context, job, strategy, completed)
+            try:
+                run_workflow(grid, context, job, strategy, completed)
+            except JobEndedEarlyError as exc:
+                ended_early = str(exc)
+                log.error("server: job ended early after round %d: %s", len(recorder.rounds), exc)
         final = run_summary(recorder, delta=sites.delta if sites is not None else None, dp=job.dp,
                             secure_aggregation=job.secagg)
+        if ended_early is not None:
+            final.outcome, final.outcome_reason = "ended_early", ended_early
         if job.dp:
             accountants = (sites.accountants if sites is not None
                            else {"each site's ledger accountant (default rdp)"})

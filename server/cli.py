@@ -61,6 +61,9 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         raise FedsiloError(f"The job ended (flwr exit status {status}) before its last round: {out / REPORT_JSON} "
                            "records the rounds it completed, but no final result; see the log above, and continue "
                            f"it with --resume {out}.")
+    if final.outcome == "ended_early":
+        raise FedsiloError(f"The job ended early after {final.rounds_completed} round(s): {final.outcome_reason}. "
+                           f"Report in {out}.")
     print(f"Job finished: {final.rounds_completed} rounds, global accuracy {final.global_accuracy}; report in {out}")
     return 0 if status == 0 else EXIT_ERROR
 

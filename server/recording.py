@@ -189,3 +189,22 @@ def _number(value: Scalar | None) -> float | None:
 
 def _text(value: Scalar | None) -> str | None:
     return None if value is None else str(value)
+
+
+def idle_rounds(rounds: list[RoundRecord], min_departments: int) -> int:
+    """How many of the last rounds, in a row, had fewer than `min_departments` departments that trained."""
+    count = 0
+    for record in reversed(rounds):
+        if sum(d.status == keys.STATUS_TRAINED for d in record.departments.values()) >= min_departments:
+            break
+        count += 1
+    return count
+
+
+def idle_reason(rounds: list[RoundRecord], min_departments: int) -> str:
+    """Why the last rounds were idle: each department's status (and reason) in the last one."""
+    last = rounds[-1]
+    statuses = ", ".join(f"{name}: {d.status}" + (f" ({d.reason})" if d.reason else "")
+                         for name, d in sorted(last.departments.items())) or "no department answered"
+    return (f"fewer than min-departments ({min_departments}) departments trained in "
+            f"{idle_rounds(rounds, min_departments)} consecutive round(s); last round: {statuses}")

@@ -13,7 +13,7 @@ import math
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -139,6 +139,9 @@ class ResumeRecord(_Record):
     checkpoint_versions: dict[str, str] = Field(description="library versions that wrote the checkpoint")
 
 
+Outcome = Literal["completed", "ended_early"]
+
+
 class RunSummary(_Record):
     """The end of the run: final accuracy, privacy spent and what protected the updates."""
 
@@ -154,6 +157,9 @@ class RunSummary(_Record):
     dp: bool
     secure_aggregation: bool
     rounds_completed: int = Field(ge=0)
+    outcome: Outcome = Field(default="completed", description="completed: every round ran; ended_early: the job "
+                                                               "stopped because too few departments could train")
+    outcome_reason: str | None = Field(default=None, description="why the job ended early")
     privacy: dict[str, Any] | None = Field(default=None, description="the guarantee statement (DP runs)")
 
 

@@ -131,6 +131,9 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")
     report = read_report(report_path)
     applied = [r for r in report.rounds if r.aggregate is AggregateStatus.APPLIED]
+    if report.final is not None and report.final.outcome == "ended_early":
+        raise SimulationFailedError(f"The job ended early after {len(report.rounds)} of {job.num_server_rounds} "
+                                    f"rounds: {report.final.outcome_reason}. Report in {out_dir}.")
     if len(report.rounds) < job.num_server_rounds or not applied:
         errors = [e for r in report.rounds for e in r.errors]
         raise SimulationFailedError(

@@ -67,6 +67,7 @@ FIELDS[RunSummary] = {
     "central_global_accuracy": _maybe(finite), "global_accuracy": _maybe(finite),
     "federated_global_accuracy": _maybe(finite), "epsilon": st.dictionaries(names, _maybe(finite), max_size=3),
     "delta": _maybe(finite), "dp": st.booleans(), "secure_aggregation": st.booleans(), "rounds_completed": counts,
+    "outcome": st.sampled_from(["completed", "ended_early"]), "outcome_reason": _maybe(text),
     "privacy": _maybe(st.dictionaries(names, json_scalars, max_size=3)),
 }
 FIELDS[RunReport] = {
