@@ -10,10 +10,10 @@ from common.cli import exec_tool
 
 
 def _cmd_client_start(args: argparse.Namespace) -> int:
-    from client.deploy import install_gate, supernode_command
+    from client.deploy import install_gate, supernode_command, supernode_env
 
     cmd = supernode_command(args.site_config, port=args.port, max_retries=args.max_retries)
-    return exec_tool(cmd, path_first=install_gate())
+    return exec_tool(cmd, supernode_env(), path_first=install_gate())
 
 
 def _require_agreement(checks: list, site: str) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as get_task_poll_interval
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.cli.flower_supernode import (
         _try_setup_client_authentication as try_setup_client_authentication,
@@ -57,14 +58,16 @@ FLOWER_NAMES: dict[str, str] = {
     "pull_task_input": f"{_RUN_CLIENTAPP}:pull_task_input",
     "push_message": f"{_RUN_CLIENTAPP}:push_message",
     "push_task_output": f"{_RUN_CLIENTAPP}:push_task_output",
+    # the executor's reading of its task poll interval (tests: Flower reads the variable client.deploy sets)
+    "get_task_poll_interval": "flwr.supercore.superexec.run_superexec:_get_task_poll_interval",
     # the SuperNode's loader of its authentication key (tests: fedsilo's node keys load in Flower)
     "try_setup_client_authentication": "flwr.supernode.cli.flower_supernode:_try_setup_client_authentication",
 }
 __all__ = ["FLOWER_NAMES", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ClientAppCallable", "ErrorCode",
            "HeartbeatSender", "Mod", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor",
            "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus", "add_args_flwr_app_common",
-           "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http", "pull_task_input", "push_message",
-           "push_task_output", "start_parent_process_monitor", "try_obtain_flwr_app_token",
-           "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
+           "get_task_poll_interval", "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http",
+           "pull_task_input", "push_message", "push_task_output", "start_parent_process_monitor",
+           "try_obtain_flwr_app_token", "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

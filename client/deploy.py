@@ -6,11 +6,17 @@ SuperNode hands its path to every ClientApp run as `node_config["site-config"]`.
 The SuperNode (subprocess isolation) starts Flower's executor, which starts a `flwr-clientapp` process per message,
 by name. `install_gate` provides a directory whose `flwr-clientapp` is fedsilo's gate (`client.gate`), put first on
 the SuperNode's PATH: the site runs its own installed ClientApp for approved jobs only, never the job's bundle.
+
+Latency: the executor (`flower-superexec`, started by the SuperNode with the SuperNode's environment) asks for new
+tasks every second by default; `supernode_env` sets its interval (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`, read and
+checked by Flower's `flower-superexec`) to 0.1 s unless the operator set it. The SuperNode's own idle poll of the
+SuperLink (`time.sleep(3)` in Flower 1.41's `start_client_internal`) is hard-coded: not configurable, not patched.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import tempfile
@@ -26,6 +32,16 @@ from common.runtime import check_port_free, flower_tool
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIENTAPP_PORT = 9094
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower accepts 0.01 to 60 seconds; its default is 1
+SUPEREXEC_POLL_SECONDS = "0.1"
+
+
+def supernode_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment `flower-supernode` runs with (the current one if `base` is None): its executor polls for
+    tasks every 0.1 s, unless `base` already sets the interval (the operator's choice stands)."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    return env
 
 
 def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,

@@ -43,6 +43,8 @@ class JobConfig(Settings):
     dashes: ClassVar[bool] = True
 
     num_server_rounds: int = option(4, help="federated rounds", ge=1)
+    evaluate_every: int = option(1, help="federated evaluation every this many rounds, and always in the last "
+                                 "round; rounds without it record no accuracy", ge=1)
     model: str = option("minilm", help='"minilm" (the packaged all-MiniLM-L6-v2), "tiny-random", or a local '
                                        "Hugging Face model directory")
     finetune: str = option("lora", help='"lora": LoRA adapters and the classifier are trained and exchanged; '

@@ -33,7 +33,7 @@ VERSIONED = ("torch", "flwr", "opacus", "transformers", "peft")
 # Run-config keys a resumed job may change: where the run lives, how it is started and how patient it is.
 # Everything else (model, data, DP, SecAgg+, optimisation, rounds, labels, seed) must be what the checkpoint says.
 MAY_DIFFER_ON_RESUME = frozenset({"out-dir", "resume", "min-departments", "round-retries", "stage-timeout",
-                                  "max-idle-rounds"})
+                                  "max-idle-rounds", "evaluate-every"})
 # The job's identity: a resume keeps the checkpoint's ("" asked: keep it; another id: refused). A checkpoint
 # written before job ids has none: the resumed job gets a new one (its earlier charges count under their run id).
 JOB_ID = "job-id"

@@ -102,10 +102,14 @@ class RunRecorder:
         xs = [r.round for r in self.rounds]
         names = sorted({n for r in self.rounds for n in r.departments})
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(xs, [r.global_accuracy for r in self.rounds], "k-o", lw=2.5, label="global held-out")
+        # Rounds without federated evaluation (evaluate-every) have no accuracy: the lines join the evaluated ones.
+        evaluated = [r for r in self.rounds if r.global_accuracy is not None]
+        ax.plot([r.round for r in evaluated], [r.global_accuracy for r in evaluated], "k-o", lw=2.5,
+                label="global held-out")
         for name in names:
-            ax.plot(xs, [r.departments[name].accuracy if name in r.departments else None for r in self.rounds],
-                    "--o", label=name)
+            points = [(r.round, r.departments[name].accuracy) for r in self.rounds
+                      if name in r.departments and r.departments[name].accuracy is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], "--o", label=name)
         finish(fig, ax, self.out_dir / ACCURACY_PNG, "accuracy", "Accuracy of the global model")
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name in names:

@@ -170,8 +170,20 @@ class FedSiloStrategy(Strategy):
         self.recorder.central_accuracy = accuracy
         return 0.0, {keys.M_ACCURACY: accuracy}
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether `server_round` has a federated evaluation: every `evaluate-every` rounds, and the last round."""
+        return server_round % self.job.evaluate_every == 0 or server_round >= self.job.num_server_rounds
+
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if not self.evaluates(server_round):
+            # Flower's workflow skips the exchange when no department is asked (and so never calls
+            # aggregate_evaluate): the round ends here, with no accuracy.
+            log.info("configure_evaluate: round %s: no federated evaluation (evaluate-every %d)", server_round,
+                     self.job.evaluate_every)
+            self.asked["evaluate"] = set()
+            self._finish_round(server_round, None, 0)
+            return []
         pairs = self.fedavg.configure_evaluate(server_round, parameters, client_manager)
         self.asked["evaluate"] = {proxy.node_id for proxy, _ in pairs}
         return [(proxy, EvaluateIns(ins.parameters, self._config(server_round))) for proxy, ins in pairs]
@@ -184,9 +196,14 @@ class FedSiloStrategy(Strategy):
             recording.evaluation(self.recorder, record, self._learn_name(proxy.node_id, res.metrics), res)
         self.record_missing(server_round, "evaluate", {proxy.node_id for proxy, _ in results})
         accuracy = aggregation.federated_accuracy([res for _, res in results])
+        self._finish_round(server_round, accuracy, len(failures))
+        return None, {keys.M_ACCURACY: accuracy or 0.0}
+
+    def _finish_round(self, server_round: int, accuracy: float | None, eval_failures: int) -> None:
+        """The round's record is complete: written, logged, and handed to the round hook (checkpoint, progress)."""
+        record = self.recorder.round(server_round)
         recording.round_finished(self.recorder, record, accuracy, time.perf_counter() - self.round_start)
-        recording.log_round(record, self.job.num_server_rounds, len(failures))
+        recording.log_round(record, self.job.num_server_rounds, eval_failures)
         self.recorder.write()
         if self.on_round is not None:
             self.on_round(self.recorder)
-        return None, {keys.M_ACCURACY: accuracy or 0.0}

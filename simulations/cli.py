@@ -70,8 +70,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
         report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None)
     final = report["final"]
+    accuracy = final["global_accuracy"]
     print(f"Simulation finished: {len(report['rounds'])} rounds, global held-out accuracy "
-          f"{final['global_accuracy']:.4f}")
+          f"{'n/a' if accuracy is None else f'{accuracy:.4f}'}")
     for name, eps in final["epsilon"].items():
         print(f"  {name:>12}: epsilon spent {eps if eps is None else round(eps, 4)}")
     print(f"Report, CSV and plots in {args.out}")

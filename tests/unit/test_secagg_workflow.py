@@ -9,18 +9,57 @@ from typing import Any
 
 import pytest
 
-from server.secagg import StageTimeoutGrid, _forget_unmasked_dropouts
+from server.secagg import POLL_SECONDS, StageTimeoutGrid, _forget_unmasked_dropouts
+
+
+class FakeClock:
+    """Time that passes only when the grid sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 class FakeGrid:
-    def __init__(self, answering: set[int]) -> None:
-        self.answering = answering
-        self.timeouts: list[float | None] = []
+    """A grid whose node `n` replies `answer_after[n]` seconds after the push (never if absent); `push_messages`
+    returns None for nodes in `unpushable`, as Flower's deployment grid does for a message it could not push."""
+
+    def __init__(self, clock: FakeClock, answer_after: dict[int, float], unpushable: frozenset[int] = frozenset()
+                 ) -> None:
+        self.clock = clock
+        self.answer_after = answer_after
+        self.unpushable = unpushable
+        self.pushed_at = 0.0
+        self.ids: dict[str, int] = {}
+        self.pulls: list[set[str]] = []
+
+    def push_messages(self, messages: Iterable[Any]) -> list[str | None]:
+        self.pushed_at = self.clock()
+        out: list[str | None] = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            message_id = None if node in self.unpushable else f"m{node}"
+            if message_id:
+                self.ids[message_id] = node
+            out.append(message_id)
+        return out
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        asked = set(message_ids)
+        self.pulls.append(asked)
+        waited = self.clock() - self.pushed_at
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=self.ids[i], reply_to_message_id=i))
+                for i in sorted(asked) if self.answer_after.get(self.ids[i], float("inf")) <= waited]
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        self.timeouts.append(timeout)
-        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id))
-                for m in messages if m.metadata.dst_node_id in self.answering]
+        raise AssertionError("Flower's send_and_receive sleeps 3 s between pulls; the wrapper must not call it")
 
     def get_node_ids(self) -> list[int]:
         return [1, 2, 3]
@@ -30,17 +69,49 @@ def _to(node_id: int) -> Any:
     return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node_id))
 
 
+def _grid(answer_after: dict[int, float], timeout: float = 40.0, **kwargs: Any) -> tuple[StageTimeoutGrid, FakeGrid,
+                                                                                          FakeClock]:
+    clock = FakeClock()
+    inner = FakeGrid(clock, answer_after, **kwargs)
+    return StageTimeoutGrid(inner, timeout, sleep=clock.sleep, clock=clock), inner, clock  # type: ignore[arg-type]
+
+
+def test_replies_are_collected_as_soon_as_they_come() -> None:
+    grid, inner, clock = _grid({1: 0.0, 2: 0.35, 3: 0.95})
+    replies = list(grid.send_and_receive([_to(1), _to(2), _to(3)]))
+    assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
+    assert clock.now - 100.0 == pytest.approx(1.0)  # done at the first poll after the last reply, not 3 s later
+    assert all(s == pytest.approx(POLL_SECONDS) for s in clock.sleeps)
+    assert inner.pulls[0] == {"m1", "m2", "m3"} and inner.pulls[-1] == {"m3"}  # answered messages are not re-asked
+
+
 def test_an_exchange_without_a_timeout_waits_at_most_the_stage_timeout(caplog: pytest.LogCaptureFixture) -> None:
-    inner = FakeGrid(answering={1, 2})
-    grid = StageTimeoutGrid(inner, 40.0)  # type: ignore[arg-type]
+    grid, _, clock = _grid({1: 0.0, 2: 12.0})
     with caplog.at_level(logging.WARNING):
         replies = list(grid.send_and_receive([_to(1), _to(2), _to(3)]))
-    assert inner.timeouts == [40.0]
+    assert clock.now - 100.0 == pytest.approx(40.0)
+    assert max(clock.sleeps) <= POLL_SECONDS
     assert [r.metadata.src_node_id for r in replies] == [1, 2]
     assert "no reply from node(s) [3] within 40s" in caplog.text
-    grid.send_and_receive([_to(1)], timeout=5.0)  # a caller's own timeout is kept
-    assert inner.timeouts[-1] == 5.0
     assert list(grid.get_node_ids()) == [1, 2, 3]
+
+
+def test_a_callers_own_timeout_is_kept(caplog: pytest.LogCaptureFixture) -> None:
+    grid, _, clock = _grid({1: 0.0, 2: 12.0})
+    with caplog.at_level(logging.WARNING):
+        replies = list(grid.send_and_receive([_to(1), _to(2)], timeout=5.03))
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert clock.now - 100.0 == pytest.approx(5.03)  # the last sleep is cut to the deadline
+    assert "no reply from node(s) [2] within 5s" in caplog.text
+
+
+def test_a_message_that_could_not_be_pushed_counts_as_silent(caplog: pytest.LogCaptureFixture) -> None:
+    grid, inner, clock = _grid({1: 0.0, 2: 0.0}, unpushable=frozenset({2}))
+    with caplog.at_level(logging.WARNING):
+        replies = list(grid.send_and_receive([_to(1), _to(2)]))
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert clock.sleeps == [] and inner.pulls == [{"m1"}]
+    assert "no reply from node(s) [2]" in caplog.text
 
 
 def test_departments_gone_before_their_shares_left_are_not_unmasked() -> None:

@@ -137,3 +137,57 @@ def test_deployment_final_delta_is_the_departments_reported_delta(strategy: FedS
     deployed = run_summary(strategy.recorder, delta=None, dp=True, secure_aggregation=False)
     assert deployed.delta == 1e-5  # the largest: every department's epsilon holds at it
     assert run_summary(strategy.recorder, delta=1e-7, dp=True, secure_aggregation=False).delta == 1e-7  # simulation
+
+
+class FakeClientManager:
+    """Two departments online; Flower's FedAvg samples both."""
+
+    def num_available(self) -> int:
+        return 2
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion: object = None) -> list:
+        return [_proxy(1), _proxy(2)][:num_clients]
+
+
+def _evaluation(name: str, accuracy: float) -> EvaluateRes:
+    return EvaluateRes(status=OK, loss=0.5, num_examples=10,
+                       metrics={keys.M_DEPARTMENT: name, keys.M_ACCURACY: accuracy, keys.M_CORRECT: int(10 * accuracy),
+                                keys.M_EPSILON: 2.0})
+
+
+def test_evaluation_every_k_rounds_and_in_the_last(tmp_path) -> None:
+    from server.recording import run_summary
+
+    initial = [np.ones((2, 3), dtype=np.float32), np.zeros(4, dtype=np.float32)]
+    finished: list[int] = []
+    strategy = FedSiloStrategy(JobConfig(secagg=False, num_server_rounds=5, evaluate_every=2), initial, "fp",
+                               RunRecorder({}, tmp_path), on_round=lambda rec: finished.append(rec.rounds[-1].round))
+    update = [np.full((2, 3), 0.1, np.float32), np.zeros(4, np.float32)]
+    evaluated = []
+    for server_round in range(1, 6):
+        params = strategy.configure_fit(server_round, ndarrays_to_parameters(strategy.global_arrays),
+                                        FakeClientManager())[0][1].parameters
+        strategy.aggregate_fit(server_round, [(_proxy(1), _fit("a", update, 10)), (_proxy(2), _fit("b", update, 10))],
+                               [])
+        pairs = strategy.configure_evaluate(server_round, params, FakeClientManager())
+        if pairs:  # Flower's evaluate workflow asks the departments and aggregates only then
+            evaluated.append(server_round)
+            assert {proxy.node_id for proxy, _ in pairs} == {1, 2}
+            strategy.aggregate_evaluate(server_round, [(_proxy(1), _evaluation("a", 0.5 + server_round / 10)),
+                                                       (_proxy(2), _evaluation("b", 0.5))], [])
+    assert evaluated == [2, 4, 5]
+    assert finished == [1, 2, 3, 4, 5]  # every round is written, checkpointed and reported, evaluated or not
+    rounds = strategy.recorder.rounds
+    assert [r.global_accuracy for r in rounds] == [None, pytest.approx(0.6), None, pytest.approx(0.7),
+                                                   pytest.approx(0.75)]
+    skipped = rounds[0]
+    assert skipped.aggregate is AggregateStatus.APPLIED and skipped.seconds is not None
+    assert skipped.departments["a"].status == keys.STATUS_TRAINED and skipped.departments["a"].accuracy is None
+    assert skipped.departments["a"].epsilon == 1.5 and skipped.dropouts == []  # nobody asked, nobody missing
+    final = run_summary(strategy.recorder, delta=None, dp=True, secure_aggregation=False)
+    assert final.global_accuracy == pytest.approx(0.75) and final.rounds_completed == 5
+    assert "global_accuracy" in (tmp_path / "rounds.csv").read_text()
+    strategy.recorder.report.final = final
+    strategy.recorder.write()
+    strategy.recorder.plot()
+    assert (tmp_path / "accuracy.png").exists()
