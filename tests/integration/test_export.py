@@ -212,3 +212,21 @@ def test_full_finetune_exports_merged_and_refuses_adapter(tmp_path: Path,
     work.mkdir()
     assert float(np.abs(exported_logits(tmp_path / "full", texts, work) - fedsilo_logits(run, texts)).max()) <= 1e-4
     assert "all weights fine-tuned" in (tmp_path / "full" / "README.md").read_text()
+
+
+def test_deployment_run_exports_with_the_ledgers_given(run_dir: Path, tmp_path: Path) -> None:
+    """A deployment's run directory holds no ledgers (each site keeps its own): the card marks the departments
+    whose ledger copy is not given as reported by the site, and checks those given with --ledger."""
+    import shutil
+
+    deployed = tmp_path / "deployed"
+    shutil.copytree(run_dir, deployed, ignore=shutil.ignore_patterns("sites"))
+    ledger = run_dir / "sites" / "radiology" / "ledger.json"
+    assert main(["export", str(deployed), "--out", str(tmp_path / "out"), "--ledger", f"radiology={ledger}"]) == 0
+    body = (tmp_path / "out" / "README.md").read_text()
+    assert "| radiology |" in body and "site ledger, cross-checked |" in body.split("| radiology |")[1].split("\n")[0]
+    assert "reported by the site (ledger not presented)" in body.split("| cardiology |")[1].split("\n")[0]
+    wrong = run_dir / "sites" / "cardiology" / "ledger.json"
+    assert main(["export", str(deployed), "--out", str(tmp_path / "out2"), "--ledger", f"radiology={wrong}"]) \
+        == EXIT_ERROR
+    assert not (tmp_path / "out2").exists()
