@@ -72,7 +72,14 @@ class RecordingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
-        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        return self._keep(self._grid.send_and_receive(messages, *args, **kwargs))
+
+    def pull_messages(self, *args: Any, **kwargs: Any) -> Iterable[Message]:
+        """fedsilo's stage-timeout grid pushes and polls (server.secagg.StageTimeoutGrid)."""
+        return self._keep(self._grid.pull_messages(*args, **kwargs))
+
+    def _keep(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
         self.replies.extend(_snapshot(r) for r in replies if r.has_content())
         return replies
 
