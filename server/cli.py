@@ -70,8 +70,11 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         try:
             status = follow_job(args.state_dir, run_id, signals)
         except JobInterruptedError as exc:
-            print(f"fedsilo: {exc} The rounds it completed are in {out}; continue it with `fedsilo server run "
-                  f"--state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
+            if (out / CHECKPOINT).exists():
+                print(f"fedsilo: {exc} The rounds it completed are in {out}; continue it with `fedsilo server run "
+                      f"--state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
+            else:
+                print(f"fedsilo: {exc} It had completed no round.", file=sys.stderr)
             return exc.exit_status
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")

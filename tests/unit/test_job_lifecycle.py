@@ -46,12 +46,16 @@ def _state(tmp_path: Path) -> ServerState:
 class FakeFlwr:
     """`server.deploy._flwr`: records each call's arguments and answers from `answers` by subcommand."""
 
-    def __init__(self, answers: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    def __init__(self, answers: dict[str, subprocess.CompletedProcess[str]], on_call: dict[str, int] | None = None
+                 ) -> None:
         self.answers = answers
+        self.on_call = on_call or {}  # subcommand -> a signal this process receives while it runs
         self.calls: list[tuple[str, ...]] = []
 
     def __call__(self, state: ServerState, *args: str, **_kwargs: object) -> subprocess.CompletedProcess[str]:
         self.calls.append(args)
+        if args[0] in self.on_call:
+            signal.raise_signal(self.on_call[args[0]])
         return self.answers[args[0]]
 
 
@@ -228,3 +232,20 @@ def test_a_job_followed_to_its_end_is_not_stopped(tmp_path: Path) -> None:
         assert follow_job(tmp_path, RUN_ID, signals, stream=lambda s, r: 0, stop=stops) == 0
         assert not signals.armed
     assert stops.stopped == []
+
+
+def test_server_run_stopped_by_sigterm_while_following_exits_143(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    state = _state(tmp_path)
+    fake = FakeFlwr({"run": _proc(RUN_ANSWER), "log": _proc("", 0), "stop": _proc(json.dumps({"success": True}))},
+                    on_call={"log": signal.SIGTERM})
+    monkeypatch.setattr(deploy, "_flwr", fake)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["server", "run", "--state-dir", str(state.root), "--out", str(tmp_path / "out"), "--labels", "a,b",
+                 "--model", "tiny-random"]) == 143
+    assert [call[0] for call in fake.calls] == ["run", "log", "stop"]
+    assert fake.calls[1] == ("log", str(RUN_ID), CONNECTION, "--stream")
+    assert fake.calls[2] == ("stop", str(RUN_ID), CONNECTION, "--format", "json")
+    err = capsys.readouterr().err
+    assert f"fedsilo: SIGTERM: stopped job {RUN_ID} on the server. It had completed no round." in err
+    assert signal.getsignal(signal.SIGTERM) is previous
