@@ -57,3 +57,16 @@ class InvalidUpdateError(FedsiloError):
 
 class JobEndedEarlyError(FedsiloError):
     """Too few departments could train for `max-idle-rounds` rounds in a row: the job stops."""
+
+
+class JobInterruptedError(FedsiloError):
+    """`server run` got SIGINT or SIGTERM while it followed a job, and stopped the job on the server (or says why it
+    could not); the command exits 128 + the signal's number, as a shell reports a command a signal ended."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

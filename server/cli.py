@@ -1,13 +1,16 @@
-"""The coordination server's commands: `server start`, `server register`, `server nodes`, `server run`."""
+"""The coordination server's commands: `server start`, `server register`, `server nodes`, `server run`, `server jobs`,
+`server stop`, `server logs`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
 from common.cli import EXIT_ERROR, add_config_option, exec_tool, run_config_from_args
-from common.errors import FedsiloError
+from common.errors import FedsiloError, JobInterruptedError
 
 
 def _cmd_server_start(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def _cmd_server_nodes(args: argparse.Namespace) -> int:
 
 def _cmd_server_run(args: argparse.Namespace) -> int:
     from server.checkpoint import CHECKPOINT
-    from server.deploy import submit_job
+    from server.deploy import JobSignals, follow_job, submit_job
     from server.records import read_report
     from server.report import REPORT_JSON
     from server.resume import resume_job
@@ -53,7 +56,26 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     rc["out-dir"] = str(out)
     if args.resume is not None:
         rc = resume_job(out, rc)
-    status = submit_job(args.state_dir, rc, args.app)
+    state = shlex.quote(str(args.state_dir))
+    with JobSignals() as signals:
+        run_id = submit_job(args.state_dir, rc, args.app)
+        if args.detach:
+            print(f"Job {run_id} submitted; it runs on the server until it ends (report in {out}).\n"
+                  f"  follow it:  fedsilo server logs --state-dir {state} {run_id} --follow\n"
+                  f"  stop it:    fedsilo server stop --state-dir {state} {run_id}\n"
+                  f"  all jobs:   fedsilo server jobs --state-dir {state}")
+            return 0
+        print(f"fedsilo: job {run_id} submitted; following its log (Ctrl-C stops the job on the server; "
+              "--detach leaves a job running)", file=sys.stderr, flush=True)
+        try:
+            status = follow_job(args.state_dir, run_id, signals)
+        except JobInterruptedError as exc:
+            if (out / CHECKPOINT).exists():
+                print(f"fedsilo: {exc} The rounds it completed are in {out}; continue it with `fedsilo server run "
+                      f"--state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
+            else:
+                print(f"fedsilo: {exc} It had completed no round.", file=sys.stderr)
+            return exc.exit_status
     if not (out / REPORT_JSON).exists():
         raise FedsiloError(f"The job ended (flwr exit status {status}) without a report in {out}; see the log above.")
     final = read_report(out / REPORT_JSON).final
@@ -68,8 +90,34 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     return 0 if status == 0 else EXIT_ERROR
 
 
+def _cmd_server_jobs(args: argparse.Namespace) -> int:
+    from server.deploy import format_jobs, list_jobs
+
+    jobs = list_jobs(args.state_dir)
+    if args.json:
+        print(json.dumps({"jobs": [job.to_json() for job in jobs]}, indent=2))
+    else:
+        print(format_jobs(jobs), end="")
+    return 0
+
+
+def _cmd_server_stop(args: argparse.Namespace) -> int:
+    from server.deploy import stop_job
+
+    stop_job(args.state_dir, args.run_id)
+    print(f"Job {args.run_id} stopped.")
+    return 0
+
+
+def _cmd_server_logs(args: argparse.Namespace) -> int:
+    from server.deploy import show_logs
+
+    status = show_logs(args.state_dir, args.run_id, follow=args.follow)
+    return 0 if status == 0 else EXIT_ERROR
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`server start|register|nodes|run`."""
+    """`server start|register|nodes|run|jobs|stop|logs`."""
     server = sub.add_parser("server", help="run the coordination server (Flower SuperLink) and submit jobs")
     ssub = server.add_subparsers(dest="server_command", required=True)
     start = ssub.add_parser("start", help="start the SuperLink: TLS, node authentication, persistent state")
@@ -90,7 +138,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     nodes.add_argument("--state-dir", type=Path, required=True)
     nodes.add_argument("--json", action="store_true", help="Flower's JSON listing (node-id, status, ...), for scripts")
     nodes.set_defaults(func=_cmd_server_nodes)
-    run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end")
+    run = ssub.add_parser("run", help="submit a federated fine-tuning job and follow it to the end (or --detach)")
     run.add_argument("--state-dir", type=Path, required=True)
     run.add_argument("--out", type=Path, help="where the server writes report, CSV, plots (required)")
     run.add_argument("--labels", help="class names in label order, e.g. negative,positive (required)")
@@ -105,4 +153,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_config_option(run, "any run-config key of pyproject.toml's [tool.flwr.app.config] (repeatable)")
     run.add_argument("--app", type=Path, help="submit this app directory instead of this installation's "
                      "(sites run only app bundles their policy approves)")
+    run.add_argument("--detach", action="store_true",
+                     help="submit the job, print its run id and return; it runs on until it ends (follow it with "
+                          "`server logs`, stop it with `server stop`). Without it, Ctrl-C or SIGTERM stops the job")
     run.set_defaults(func=_cmd_server_run)
+    jobs = ssub.add_parser("jobs", help="list the server's jobs: run id, status, rounds done, departments, out dir")
+    jobs.add_argument("--state-dir", type=Path, required=True)
+    jobs.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    jobs.set_defaults(func=_cmd_server_jobs)
+    stop = ssub.add_parser("stop", help="stop a running job on the server")
+    stop.add_argument("--state-dir", type=Path, required=True)
+    stop.add_argument("run_id", type=int, metavar="RUN_ID", help="the job's run id (`server jobs`)")
+    stop.set_defaults(func=_cmd_server_stop)
+    logs = ssub.add_parser("logs", help="print a job's server log (ServerApp)")
+    logs.add_argument("--state-dir", type=Path, required=True)
+    logs.add_argument("run_id", type=int, metavar="RUN_ID", help="the job's run id (`server jobs`)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(func=_cmd_server_logs)

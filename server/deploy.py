@@ -8,21 +8,26 @@ operator's `flwr` connection lives in `<state-dir>/flwr-home/config.toml` (Flowe
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from common.appbundle import app_dir, stage_app
 from common.certs import check_certificate, check_key_matches
 from common.config import JobConfig, RunConfig, check_known_keys
-from common.errors import ConfigError
+from common.errors import ConfigError, JobInterruptedError
 from common.files import write_atomic
 from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
 
@@ -35,6 +40,9 @@ DATABASE_MODE = 0o600
 DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 CA_FILE, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 DEFAULT_PORT = 47100
+# One call of the Control API (submit without streaming, list, stop): a server that does not answer in this time is
+# down or unreachable.
+CONTROL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,11 @@ class ServerState:
     @property
     def database(self) -> Path:
         return self.root / "superlink.db"
+
+    @property
+    def jobs(self) -> Path:
+        """fedsilo's record of the jobs it submitted (`<run-id>.json`: out dir, rounds asked)."""
+        return self.root / "jobs"
 
     def database_files(self) -> list[Path]:
         """The database and SQLite's companion files beside it."""
@@ -157,11 +170,19 @@ def prepare_server(state_dir: Path, certs: Path | None, host: str, port: int, *,
     return superlink_command(state, certs, host, port, operator_networks)
 
 
-def _flwr(state: ServerState, *args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
+def _flwr(state: ServerState, *args: str, capture: bool = True, own_session: bool = False,
+          timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run Flower's `flwr` CLI on this server's connection. `own_session`: in a session of its own, so that a
+    Ctrl-C at the terminal reaches only fedsilo, which decides what becomes of the job."""
     state.require_connection()
     cmd = [flower_tool("flwr"), *args]
     log.debug("flwr: %s", shlex.join(cmd))
-    return subprocess.run(cmd, env=state.env(), capture_output=capture, text=True, check=False)
+    try:
+        return subprocess.run(cmd, env=state.env(), capture_output=capture, text=True, check=False,
+                              start_new_session=own_session, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DeploymentError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s: is the server running "
+                              f"(`fedsilo server start --state-dir {state.root}`)?") from exc
 
 
 def register_node(state_dir: Path, public_key: Path, name: str) -> str:
@@ -191,9 +212,277 @@ def _toml_value(value: bool | int | float | str) -> str:
     return f"'{value}'"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def flwr_json(proc: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]:
+    """The JSON document a `flwr ... --format json` call printed; DeploymentError with Flower's message when the call
+    failed. (With `--format json` Flower prints `{"success": false, "error-message": ...}` and may still exit 0.)"""
+    text = proc.stdout or ""
+    start = text.find("{")
+    doc: Any = None
+    if start >= 0:
+        try:
+            doc, _ = json.JSONDecoder().raw_decode(text[start:])
+        except ValueError:
+            doc = None
+    if not isinstance(doc, dict):
+        output = ((proc.stdout or "") + (proc.stderr or "")).strip()[-800:] or "no output"
+        raise DeploymentError(f"{what} failed (flwr exit status {proc.returncode}): {output}")
+    if doc.get("success") is not True:
+        raise DeploymentError(f"{what} failed: {_one_line(str(doc.get('error-message') or doc))}")
+    return doc
+
+
+def parse_run_id(doc: dict[str, Any]) -> int:
+    """The run id in `flwr run --format json`'s answer."""
+    try:
+        return int(doc["run-id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeploymentError(f"Flower's answer to the submission names no run id: {doc}") from exc
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """What fedsilo recorded when it submitted a job (`<state-dir>/jobs/<run-id>.json`): Flower's run list does
+    not carry the run config."""
+
+    run_id: int
+    out_dir: str
+    rounds: int
+    submitted: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run-id": self.run_id, "out-dir": self.out_dir, "rounds": self.rounds, "submitted": self.submitted}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> JobEntry:
+        if not isinstance(doc, dict):
+            raise ConfigError("not a JSON object")
+        try:
+            return cls(int(doc["run-id"]), str(doc["out-dir"]), int(doc["rounds"]), str(doc.get("submitted", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"missing or malformed field: {exc}") from exc
+
+
+def record_job(state: ServerState, entry: JobEntry) -> None:
+    state.jobs.mkdir(mode=STATE_DIR_MODE, exist_ok=True)
+    write_atomic(state.jobs / f"{entry.run_id}.json", json.dumps(entry.to_json(), indent=2).encode())
+
+
+def read_job_entries(state: ServerState) -> dict[int, JobEntry]:
+    """fedsilo's records of its submitted jobs by run id; an unreadable one is skipped with a warning."""
+    entries: dict[int, JobEntry] = {}
+    if not state.jobs.is_dir():
+        return entries
+    for path in sorted(state.jobs.glob("*.json")):
+        try:
+            entry = JobEntry.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, ConfigError) as exc:
+            log.warning("skipping the job record %s: %s", path, exc)
+            continue
+        entries[entry.run_id] = entry
+    return entries
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job as `fedsilo server jobs` shows it: Flower's status, and what fedsilo's record and report add."""
+
+    run_id: int
+    status: str  # Flower's: pending, starting, running, finished:completed|failed|stopped
+    elapsed: float | None = None
+    out_dir: str | None = None
+    rounds_done: int | None = None
+    rounds_asked: int | None = None
+    departments: tuple[str, ...] = ()
+    outcome: str | None = None  # the report's: completed, ended_early (None while it runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run-id": self.run_id, "status": self.status, "elapsed-seconds": self.elapsed,
+                "out-dir": self.out_dir, "rounds-done": self.rounds_done, "rounds-asked": self.rounds_asked,
+                "departments": list(self.departments), "outcome": self.outcome}
+
+
+def _report_facts(out_dir: str) -> tuple[int | None, int | None, tuple[str, ...], str | None]:
+    """Rounds done, rounds asked, departments and outcome from the run's report.json (Nones when there is none
+    yet, or it cannot be read)."""
+    from server.records import AggregateStatus, read_report
+    from server.report import REPORT_JSON
+
+    path = Path(out_dir) / REPORT_JSON
+    if not path.is_file():
+        return None, None, (), None
+    try:
+        report = read_report(path)
+    except ConfigError as exc:
+        log.warning("%s", exc)
+        return None, None, (), None
+    names = set(report.departments)
+    for record in report.rounds:
+        names.update(record.departments)
+    done = (report.final.rounds_completed if report.final is not None
+            else sum(1 for r in report.rounds if r.aggregate != AggregateStatus.PENDING))
+    asked = report.config.get("num-server-rounds")
+    return (done, asked if isinstance(asked, int) else None, tuple(sorted(names)),
+            report.final.outcome if report.final is not None else None)
+
+
+def job_statuses(doc: dict[str, Any], entries: dict[int, JobEntry]) -> list[JobStatus]:
+    """`flwr ls --format json`'s runs, newest first, each with what fedsilo knows of it."""
+    runs = doc.get("runs")
+    if not isinstance(runs, list):
+        raise DeploymentError(f"Flower's run list has no runs: {doc}")
+    jobs = []
+    for run in runs:
+        try:
+            run_id = int(run["run-id"])
+            status = str(run["status"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeploymentError(f"Flower's run list has a malformed run: {run}") from exc
+        elapsed = run.get("elapsed")
+        entry = entries.get(run_id)
+        if entry is None:
+            jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None))
+            continue
+        done, asked, departments, outcome = _report_facts(entry.out_dir)
+        jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None, entry.out_dir,
+                              done, asked or entry.rounds, departments, outcome))
+    return sorted(jobs, key=lambda job: job.run_id, reverse=True)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def format_jobs(jobs: Sequence[JobStatus]) -> str:
+    """The table `fedsilo server jobs` prints."""
+    if not jobs:
+        return "No jobs on this server.\n"
+    header = ("RUN ID", "STATUS", "ROUNDS", "ELAPSED", "DEPARTMENTS", "OUT")
+    rows = [header]
+    for job in jobs:
+        rounds = "-" if job.rounds_asked is None else f"{job.rounds_done or 0}/{job.rounds_asked}"
+        status = job.status if job.outcome in (None, "completed") else f"{job.status} ({job.outcome})"
+        rows.append((str(job.run_id), status, rounds, _duration(job.elapsed), ",".join(job.departments) or "-",
+                     job.out_dir or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+             for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def list_jobs(state_dir: Path) -> list[JobStatus]:
+    """Every job the SuperLink knows (Flower's `flwr ls`), with out dir, rounds and departments where fedsilo
+    submitted it."""
+    state = ServerState(state_dir)
+    proc = _flwr(state, "ls", CONNECTION, "--format", "json", timeout=CONTROL_TIMEOUT_S)
+    return job_statuses(flwr_json(proc, "Listing jobs"), read_job_entries(state))
+
+
+def stop_job(state_dir: Path, run_id: int) -> None:
+    """Stop a job on the server (Flower's `flwr stop`): the SuperLink marks it finished:stopped and its ServerApp
+    ends; departments get no more of its messages."""
+    proc = _flwr(ServerState(state_dir), "stop", str(run_id), CONNECTION, "--format", "json",
+                 timeout=CONTROL_TIMEOUT_S)
+    flwr_json(proc, f"Stopping job {run_id}")
+
+
+def show_logs(state_dir: Path, run_id: int, *, follow: bool = False) -> int:
+    """Print a job's ServerApp log (Flower's `flwr log`): what it logged so far, or (`follow`) stream it until the
+    job ends. Flower's exit status."""
+    return _flwr(ServerState(state_dir), "log", str(run_id), CONNECTION, "--stream" if follow else "--show",
+                 capture=False).returncode
+
+
+class _Signalled(BaseException):
+    """A SIGINT/SIGTERM while a job is followed (a BaseException: nothing on the way may swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class JobSignals:
+    """SIGINT and SIGTERM while `server run` submits and follows a job.
+
+    While the job is being submitted a signal is only remembered (the run id is not known yet: cutting the
+    submission short could leave a job nobody knows to stop); once armed, a signal (or the remembered one) raises
+    `_Signalled` where the main thread is, e.g. waiting for the log stream, whose process `subprocess.run` then
+    kills. `disarm` goes back to remembering, so that a second Ctrl-C does not cut the stop short. The previous
+    handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.armed = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> JobSignals:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        if self.armed:
+            raise _Signalled(signum)
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.received is not None:
+            raise _Signalled(self.received)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+
+def _stream_job(state: ServerState, run_id: int) -> int:
+    return _flwr(state, "log", str(run_id), CONNECTION, "--stream", capture=False, own_session=True).returncode
+
+
+def _stop_run(state: ServerState, run_id: int) -> None:
+    stop_job(state.root, run_id)
+
+
+def follow_job(state_dir: Path, run_id: int, signals: JobSignals,
+               stream: Callable[[ServerState, int], int] = _stream_job,
+               stop: Callable[[ServerState, int], None] = _stop_run) -> int:
+    """Stream the job's log until it ends (Flower's exit status). A SIGINT or SIGTERM, also one received while the
+    job was submitted, stops the job on the server and raises JobInterruptedError (exit status 128 + signal)."""
+    state = ServerState(state_dir)
+    try:
+        signals.arm()
+        return stream(state, run_id)
+    except _Signalled as sig:
+        signum = sig.signum
+    finally:
+        signals.disarm()
+    name = signal.Signals(signum).name
+    try:
+        stop(state, run_id)
+    except DeploymentError as exc:
+        raise JobInterruptedError(signum, f"{name}: could not stop job {run_id} on the server: {exc} (check it "
+                                          f"with `fedsilo server jobs --state-dir {state_dir}`)") from exc
+    raise JobInterruptedError(signum, f"{name}: stopped job {run_id} on the server.")
+
+
 def submit_job(state_dir: Path, rc: RunConfig, app: Path | None = None) -> int:
-    """Validate the job here, then `flwr run` it (this installation's app, or `app`) on the SuperLink and stream
-    its log until it ends. Sites run only app bundles their policy approves (`fedsilo app digest`)."""
+    """Validate the job here, then submit it (this installation's app, or `app`) to the SuperLink without
+    following it: its Flower run id, recorded in the state directory with its out dir and rounds. Sites run only
+    app bundles their policy approves (`fedsilo app digest`)."""
     check_known_keys(rc)
     job = JobConfig.from_run_config(rc)
     if not job.label_names:
@@ -204,8 +493,13 @@ def submit_job(state_dir: Path, rc: RunConfig, app: Path | None = None) -> int:
 
     resolve_model_dir(job.model)  # the ServerApp builds the model on this host: an unknown path fails here, not there
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in rc.items())
+    state = ServerState(state_dir)
     with tempfile.TemporaryDirectory(prefix="fedsilo-app-") as staged:
         stage_app(app or app_dir(), Path(staged))
-        proc = _flwr(ServerState(state_dir), "run", staged, CONNECTION, "--run-config", overrides, "--stream",
-                     capture=False)
-    return proc.returncode
+        # Its own session: a Ctrl-C at the terminal must not cut the submission short (JobSignals).
+        proc = _flwr(state, "run", staged, CONNECTION, "--run-config", overrides, "--format", "json",
+                     own_session=True, timeout=CONTROL_TIMEOUT_S)
+    run_id = parse_run_id(flwr_json(proc, "Submitting the job"))
+    record_job(state, JobEntry(run_id, job.out_dir, job.num_server_rounds,
+                               datetime.now(UTC).isoformat(timespec="seconds")))
+    return run_id
