@@ -123,3 +123,20 @@ def test_departments_gone_before_their_shares_left_are_not_unmasked() -> None:
     assert state.nid_to_neighbours[1] == {1, 2}
     assert state.nid_to_neighbours[2] == {1, 2, 4}
     assert state.nid_to_neighbours[4] == {2, 4}
+
+
+def test_registration_names_come_from_the_grids_node_information() -> None:
+    from types import SimpleNamespace
+
+    from server.secagg import StageTimeoutGrid, registered_names
+
+    class OldGrid:  # a grid with node ids only
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    class Grid(OldGrid):
+        def get_nodes(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(node_id=1, name="radiology"), SimpleNamespace(node_id=2, name="")]
+
+    assert registered_names(OldGrid()) == {}
+    assert registered_names(Grid()) == {1: "radiology"} == registered_names(StageTimeoutGrid(Grid(), 1.0))
