@@ -14,6 +14,7 @@ from flwr.common import EvaluateRes, FitRes, Scalar
 
 from common import keys
 from server.aggregation import Outcome
+from server.compat import ErrorCode
 from server.records import AggregateStatus, DepartmentRound, Dropout, RoundRecord, RunSummary
 from server.report import RunRecorder
 
@@ -143,6 +144,35 @@ def dropouts(recorder: RunRecorder, names: Callable[[int], str], server_round: i
                                                        reason=f"dropped out during {stage} (attempt {attempt})")
     log.warning("round %s: %d department(s) dropped out during %s (attempt %d): %s", server_round,
                 len(node_ids), stage, attempt, ", ".join(names(n) for n in sorted(node_ids)))
+
+
+def node_gone(code: int) -> bool:
+    """Whether an error reply's code says the node (or its message) is gone, rather than that its ClientApp
+    failed."""
+    return code in {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+
+
+def _code_name(code: int) -> str:
+    names = {value: name for name, value in vars(ErrorCode).items() if isinstance(value, int) and name.isupper()}
+    return names.get(code, f"error code {code}")
+
+
+def error_replies(recorder: RunRecorder, names: Callable[[int], str], server_round: int, stage: str,
+                  codes: Mapping[int, int]) -> None:
+    """Departments whose node answered `stage` ("train" or "evaluate") with an error instead of a result: their
+    ClientApp failed outside the department's own code (a mod, the site's gate, loading the app). Recorded as
+    failed with the error's code only: Flower's text of it (in `errors`) may carry the site's paths."""
+    record = recorder.round(server_round)
+    for node_id, code in sorted(codes.items()):
+        name = names(node_id)
+        reason = f"the site's ClientApp failed ({_code_name(code)}); see the site's log"
+        if stage == "evaluate":
+            dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+            dept.evaluate_status, dept.evaluate_reason = keys.STATUS_FAILED, reason
+        else:
+            record.departments[name] = DepartmentRound(status=keys.STATUS_FAILED, reason=reason)
+        log.warning("round %s: %s (node %s) answered %s with an error: %s", server_round, name, node_id, stage,
+                    _code_name(code))
 
 
 def evaluation(recorder: RunRecorder, record: RoundRecord, name: str, res: EvaluateRes) -> None:

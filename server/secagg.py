@@ -119,6 +119,8 @@ class StageTimeoutGrid(GridBase):
         self._poll_interval = poll_interval
         self._sleep = time.sleep if sleep is None else sleep
         self._clock = time.monotonic if clock is None else clock
+        # node id -> the code of its error reply in the last exchange (Flower's workflows keep only the text)
+        self.error_replies: dict[int, int] = {}
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -160,6 +162,7 @@ class StageTimeoutGrid(GridBase):
             if not pending or remaining <= 0:
                 break
             self._sleep(min(self._poll_interval, remaining))
+        self.error_replies = {r.metadata.src_node_id: int(r.error.code) for r in replies if r.has_error()}
         silent = {m.metadata.dst_node_id for m in out} - {r.metadata.src_node_id for r in replies}
         if silent:
             # The workflows record them as dropouts of the stage (the strategy's and SecAgg+'s own bookkeeping).
@@ -264,6 +267,8 @@ def run_workflow(grid: Grid, context: Context, job: JobConfig, strategy: FedSilo
                  completed_rounds: int = 0) -> None:
     """Run the job's rounds after `completed_rounds` (0 for a new run, the checkpoint's round when resuming)."""
     strategy.use_registry(lambda: registered_names(grid))
+    timed = StageTimeoutGrid(grid, job.stage_timeout)
+    strategy.use_error_replies(lambda: timed.error_replies)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=job.num_server_rounds),
                            strategy=strategy)
-    build_workflow(job, strategy, completed_rounds)(StageTimeoutGrid(grid, job.stage_timeout), legacy)
+    build_workflow(job, strategy, completed_rounds)(timed, legacy)

@@ -73,6 +73,8 @@ class FedSiloStrategy(Strategy):
         self.registry: Callable[[], Mapping[int, str]] = dict
         self._registered: dict[int, str] = {}
         self._looked_up: set[int] = set()  # nodes the registry was asked about (once each)
+        # node id -> the code of its error reply in the last exchange (`use_error_replies`; the grid knows it)
+        self.error_replies: Callable[[], Mapping[int, int]] = dict
         self.asked: dict[str, set[int]] = {}  # "train"/"evaluate" -> node ids asked this round
 
     def __repr__(self) -> str:
@@ -152,6 +154,10 @@ class FedSiloStrategy(Strategy):
         """Where to look up the names nodes were registered with (the grid's node information, deployment)."""
         self.registry = registry
 
+    def use_error_replies(self, error_replies: Callable[[], Mapping[int, int]]) -> None:
+        """Where to look up which nodes answered the last exchange with an error, and its code."""
+        self.error_replies = error_replies
+
     def name_of(self, node_id: int) -> str:
         """A node's department name: the one it reported, else its registration name, else `node-<id>`."""
         if node_id not in self.node_names and node_id not in self._looked_up:
@@ -176,10 +182,16 @@ class FedSiloStrategy(Strategy):
         recording.dropouts(self.recorder, self.name_of, server_round, stage, node_ids, attempt)
 
     def record_missing(self, server_round: int, stage: str, answered: set[int]) -> None:
-        """The departments asked in `stage` ("train" or "evaluate") that did not answer are dropouts."""
+        """The departments asked in `stage` ("train" or "evaluate") without an answer: those whose node answered
+        with an error (their ClientApp failed outside the department's own code, which answers its failures
+        itself) failed; the others (gone, unavailable, silent) are dropouts."""
         missing = self.asked.get(stage, set()) - answered
-        if missing:
-            self.record_dropouts(server_round, stage, missing)
+        codes = self.error_replies()
+        failed = {node_id: codes[node_id] for node_id in missing
+                  if node_id in codes and not recording.node_gone(codes[node_id])}
+        recording.error_replies(self.recorder, self.name_of, server_round, stage, failed)
+        if missing - set(failed):
+            self.record_dropouts(server_round, stage, missing - set(failed))
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         """Central evaluation on the global held-out test (simulation only), after the last round."""

@@ -269,3 +269,31 @@ def test_a_failure_is_recorded_with_its_reason_in_the_report_and_the_log(strateg
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1/"))
     assert "radiology: failed" in line and "(DataError at site radiology" in line
     assert "[evaluation failed: internal error (KeyError)" in line
+
+
+def test_a_node_that_answered_with_an_error_failed_and_one_that_is_gone_dropped(strategy: FedSiloStrategy) -> None:
+    """Errors Flower reports for a node (its gate or a mod failed; the node is gone) keep to their code: Flower's
+    text of them may name the site's files."""
+    from server.compat import ErrorCode
+
+    strategy.aggregate_fit(1, [(_proxy(7), _fit("radiology", _zeros(), 10)),
+                               (_proxy(8), _fit("oncology", _zeros(), 10)),
+                               (_proxy(9), _fit("cardiology", _zeros(), 10))], [])
+    strategy.asked["train"] = {7, 8, 9}
+    strategy.use_error_replies(lambda: {7: ErrorCode.CLIENT_APP_RAISED_EXCEPTION, 8: ErrorCode.NODE_UNAVAILABLE})
+    strategy.aggregate_fit(2, [(_proxy(9), _fit("cardiology", _zeros(), 10))],
+                           [RuntimeError("Traceback /srv/site/x.py"), RuntimeError("node unavailable")])
+    record = strategy.recorder.round(2)
+    radiology, oncology = record.departments["radiology"], record.departments["oncology"]
+    assert radiology.status == keys.STATUS_FAILED
+    assert radiology.reason == "the site's ClientApp failed (CLIENT_APP_RAISED_EXCEPTION); see the site's log"
+    assert oncology.status == keys.STATUS_DROPPED
+    assert [d.department for d in record.dropouts] == ["oncology"]
+    strategy.asked["evaluate"] = {7, 9}
+    strategy.use_error_replies(lambda: {9: ErrorCode.CLIENT_APP_CRASHED})
+    strategy.round_start = 0.0
+    strategy.aggregate_evaluate(2, [], [RuntimeError("crashed")])
+    cardiology = record.departments["cardiology"]
+    assert (cardiology.status, cardiology.evaluate_status) == (keys.STATUS_TRAINED, keys.STATUS_FAILED)
+    assert "CLIENT_APP_CRASHED" in cardiology.evaluate_reason
+    assert set(record.departments) == {"radiology", "oncology", "cardiology"}
