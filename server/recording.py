@@ -95,7 +95,10 @@ def fit_result(recorder: RunRecorder, record: RoundRecord, name: str, res: FitRe
     """A department's fit reply: its status, epsilon, reason, training time and training examples."""
     metrics = res.metrics
     status = str(metrics.get(keys.M_STATUS, keys.STATUS_FAILED))
-    recorder.department(name).n_train = int(metrics.get(keys.M_NUM_EXAMPLES, 0))
+    if keys.M_NUM_EXAMPLES in metrics:  # a failure reply does not say: the size it last reported stays
+        recorder.department(name).n_train = int(metrics[keys.M_NUM_EXAMPLES])
+    else:
+        recorder.department(name)
     dept = DepartmentRound(status=status, epsilon=_number(metrics.get(keys.M_EPSILON)),
                            delta=_number(metrics.get(keys.M_DELTA)), reason=_text(metrics.get(keys.M_REASON)),
                            train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)))

@@ -263,6 +263,11 @@ def test_a_failure_is_recorded_with_its_reason_in_the_report_and_the_log(strateg
     record = strategy.recorder.round(1)
     radiology, oncology = record.departments["radiology"], record.departments["oncology"]
     assert (radiology.status, radiology.reason) == (keys.STATUS_FAILED, failed.metrics[keys.M_REASON])
+    assert strategy.recorder.departments["radiology"].n_train == 0  # never said otherwise
+    failed.metrics.pop(keys.M_NUM_EXAMPLES)
+    strategy.aggregate_fit(2, [(_proxy(7), _fit("radiology", _zeros(), 12))], [])
+    strategy.aggregate_fit(3, [(_proxy(7), failed)], [])  # a failure reply without its size keeps the last one
+    assert strategy.recorder.departments["radiology"].n_train == 12
     assert (oncology.status, oncology.evaluate_status) == (keys.STATUS_TRAINED, keys.STATUS_FAILED)
     assert oncology.accuracy is None and oncology.evaluate_reason.startswith("internal error (KeyError)")
     assert record.global_accuracy == 0.5
