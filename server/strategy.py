@@ -161,7 +161,11 @@ class FedSiloStrategy(Strategy):
     def name_of(self, node_id: int) -> str:
         """A node's department name: the one it reported, else its registration name, else `node-<id>`."""
         if node_id not in self.node_names and node_id not in self._looked_up:
-            self._registered.update(self.registry())  # a node not seen before: ask the SuperLink once more
+            try:  # a node not seen before: ask the SuperLink once more
+                self._registered.update(self.registry())
+            except Exception as exc:  # noqa: BLE001 (a name is not worth the job: the node stays node-<id>)
+                log.warning("could not look up the registration name of node %s: %s: %s", node_id,
+                            type(exc).__name__, exc)
             self._looked_up.update(self._registered, {node_id})
         return recording.name_of(self.node_names, self._registered, node_id)
 

@@ -302,3 +302,11 @@ def test_a_node_that_answered_with_an_error_failed_and_one_that_is_gone_dropped(
     assert (cardiology.status, cardiology.evaluate_status) == (keys.STATUS_TRAINED, keys.STATUS_FAILED)
     assert "CLIENT_APP_CRASHED" in cardiology.evaluate_reason
     assert set(record.departments) == {"radiology", "oncology", "cardiology"}
+
+
+def test_a_failing_name_lookup_leaves_the_placeholder(strategy: FedSiloStrategy) -> None:
+    def registry() -> dict[int, str]:
+        raise ConnectionError("SuperLink unreachable")
+
+    strategy.use_registry(registry)
+    assert strategy.name_of(5) == "node-5"
