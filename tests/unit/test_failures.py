@@ -111,3 +111,23 @@ def test_a_department_that_cannot_be_built_is_answered_too() -> None:
     _, n, metrics = client.fit([np.ones(2, np.float32)], dict(CONFIG))
     assert n == 0 and keys.M_DEPARTMENT not in metrics
     assert metrics[keys.M_REASON] == "ConfigError at site this site: Site config <path>: unknown key <value>"
+
+
+def test_a_failure_after_the_charge_stays_charged_and_sends_nothing_trained(tmp_path) -> None:
+    """Through the real `Department.fit` (model and training faked, as in test_ledger_crash): the update check
+    refuses the trained update after the ledger was charged; the reply is the failure, with zeros, and the charge
+    stays, exactly one, as when the error was raised."""
+    from unittest import mock
+
+    from tests.unit.test_ledger_crash import GLOBAL, _department, _Harness, _ledger
+
+    harness = _Harness(tmp_path, budget=8.0)
+    dept = _department(tmp_path, 8.0, 40, "run-1", rounds=3)
+    client = DepartmentClient(dept)
+    with harness.patched(None, dept), mock.patch("client.runner.check_update", lambda *a, **k: "not finite"):
+        arrays, n, metrics = client.fit([a.copy() for a in GLOBAL], dict(CONFIG))
+    assert n == 0 and all(not a.any() for a in arrays)
+    assert metrics[keys.M_STATUS] == keys.STATUS_FAILED
+    assert metrics[keys.M_REASON] == "InvalidUpdateError at site cardiology: refusing to send its update of round " \
+                                     "<n>: not finite."
+    assert harness.trained_with == [1] and len(_ledger(tmp_path, 8.0).read().entries) == 1
