@@ -7,7 +7,7 @@ which SecAgg+ requires in Flower 1.41.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,8 +17,9 @@ from flwr.client.mod import secaggplus_mod
 
 from client.compat import RECORD_KEY_CONFIGS, ClientAppCallable, Mod
 from client.egress import EgressAudit
+from client.failures import UNKNOWN_SITE, failure_metrics
 from common import keys
-from common.errors import SecureAggregationError
+from common.errors import FedsiloError, SecureAggregationError
 from common.paths import run_out_dir
 
 if TYPE_CHECKING:
@@ -31,20 +32,60 @@ Scalars = dict[str, bool | int | float | str | bytes]
 
 
 class DepartmentClient(NumPyClient):
-    def __init__(self, department: Department) -> None:
-        self.department = department
+    """The department behind Flower's NumPyClient. A failure of its fit or evaluate (building the department from
+    the site's config included) is answered, not raised: the failed status and one public line
+    (`client.failures.public_reason`) go to the server, with no update (zeros of the global model's shapes and no
+    weight, exactly as a decline: SecAgg+ masks such a reply like any other, so the protocol goes on); the whole
+    error stays in the site's log, which names the site. The ledger is untouched by this: a failure after the
+    charge (during or after training) stays charged, as before."""
+
+    def __init__(self, department: Department | None = None, *,
+                 make: Callable[[], Department] | None = None) -> None:
+        """`department`, or `make` to build it on first use (so that a failure to build it is answered too)."""
+        if (department is None) == (make is None):
+            raise TypeError("DepartmentClient needs a department or a way to make one, not both.")
+        self._built = department
+        self._make = make
+
+    @property
+    def department(self) -> Department:
+        if self._built is None and self._make is not None:
+            self._built = self._make()
+        if self._built is None:
+            raise TypeError("DepartmentClient has no department.")
+        return self._built
+
+    def _site_name(self) -> str | None:
+        return self._built.site.name if self._built is not None else None
+
+    def _failed(self, stage: str, exc: Exception) -> dict[str, bool | int | float | str]:
+        site = self._site_name()
+        if isinstance(exc, FedsiloError):
+            log.error("%s: site %s failed: %s: %s", stage, site or UNKNOWN_SITE, type(exc).__name__, exc)
+        else:
+            log.error("%s: site %s failed with an internal error", stage, site or UNKNOWN_SITE, exc_info=exc)
+        metrics = failure_metrics(exc, site)
+        log.warning("%s: site %s tells the server: %s", stage, site or UNKNOWN_SITE, metrics[keys.M_REASON])
+        return metrics
 
     def fit(self, parameters: list[np.ndarray], config: Scalars) -> tuple[list[np.ndarray], int, Scalars]:
-        fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
-        job_id = config.get(keys.CFG_JOB_ID)  # absent from servers before job ids: the department uses the run id
-        outcome = self.department.fit(parameters, int(config[keys.CFG_ROUND]), int(config[keys.CFG_NUM_ROUNDS]),
-                                      str(fingerprint) if fingerprint else None,
-                                      job_id=str(job_id) if job_id is not None else None)
+        try:
+            fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
+            job_id = config.get(keys.CFG_JOB_ID)  # absent from servers before job ids: the department uses the run id
+            outcome = self.department.fit(parameters, int(config[keys.CFG_ROUND]), int(config[keys.CFG_NUM_ROUNDS]),
+                                          str(fingerprint) if fingerprint else None,
+                                          job_id=str(job_id) if job_id is not None else None)
+        except Exception as exc:  # noqa: BLE001 (answered as a failure; the error is logged at the site)
+            # Nothing the department computed leaves: zeros of the global model's shapes, with no weight.
+            return [np.zeros_like(a) for a in parameters], 0, dict(self._failed("fit", exc))
         return outcome.update, outcome.num_examples, dict(outcome.metrics)
 
     def evaluate(self, parameters: list[np.ndarray], config: Scalars) -> tuple[float, int, Scalars]:
-        fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
-        loss, n, metrics = self.department.evaluate(parameters, str(fingerprint) if fingerprint else None)
+        try:
+            fingerprint = config.get(keys.CFG_MODEL_FINGERPRINT)
+            loss, n, metrics = self.department.evaluate(parameters, str(fingerprint) if fingerprint else None)
+        except Exception as exc:  # noqa: BLE001 (answered as a failure; the error is logged at the site)
+            return 0.0, 0, dict(self._failed("evaluate", exc))
         return loss, n, dict(metrics)
 
 
@@ -80,7 +121,7 @@ def build_client_app(overrides: Mapping[str, bool | int | float | str] | None = 
         return _site(context, fixed)
 
     def client_fn(context: Context) -> Client:
-        return DepartmentClient(_department(context, fixed)).to_client()
+        return DepartmentClient(make=lambda: _department(context, fixed)).to_client()
 
     def secagg_guard_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         """Run SecAgg+ when the server drives it; otherwise refuse to train if the site requires it."""

@@ -41,6 +41,7 @@ from client.compat import (
     validate_and_resolve_root_certificates,
 )
 from client.egress import record_refusal
+from client.failures import UNKNOWN_SITE, public_reason
 from client.site import SiteConfig
 from common import keys
 from common.errors import ConfigError, FedsiloError, PolicyError, PrivacyError
@@ -75,8 +76,11 @@ def handle(message: Message, context: Context, fab: bytes) -> Message:
         site = site_of(context)
         digest = admit(site, fab)
     except FedsiloError as exc:
-        log.error("gate: refused run %s: %s", context.run_id, exc)
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+        log.error("gate: site %s refused run %s: %s", site.name if site is not None else UNKNOWN_SITE,
+                  context.run_id, exc)
+        # The server sees the error's type and one public line (no paths, no values): `public_reason`.
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                              reason=public_reason(exc, site.name if site is not None else None)),
                         reply_to=message)
         if site is not None:
             try:
@@ -91,8 +95,8 @@ def handle(message: Message, context: Context, fab: bytes) -> Message:
     try:
         return app(message=message, context=context)
     except Exception as exc:  # as flwr-clientapp: any failure becomes an error reply, nothing else
-        log.exception("gate: the ClientApp raised")
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+        log.exception("gate: site %s: the ClientApp raised", site.name)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(exc, site.name)),
                        reply_to=message)
 
 

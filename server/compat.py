@@ -13,6 +13,7 @@ from common.compat import lazy_names
 
 if TYPE_CHECKING:
     from flwr.cli.supernode.register import try_load_public_key
+    from flwr.common.constant import ErrorCode
     from flwr.common.logger import console_handler
     from flwr.compat.server.typing import Workflow
     from flwr.server.client_proxy import ClientProxy
@@ -36,6 +37,8 @@ FLOWER_NAMES: dict[str, str] = {
     "WorkflowKey": "flwr.server.workflow.constant:Key",
     "default_fit_workflow": "flwr.server.workflow.default_workflows:default_fit_workflow",
     "default_evaluate_workflow": "flwr.server.workflow.default_workflows:default_evaluate_workflow",
+    # the codes of a node's error reply (server.recording: a ClientApp that failed, or a node that is gone)
+    "ErrorCode": "flwr.common.constant:ErrorCode",
     # the legacy strategy API's client handle (server.strategy)
     "ClientProxy": "flwr.server.client_proxy:ClientProxy",
     # the SuperLink process (server.superlink)
@@ -50,8 +53,8 @@ FLOWER_NAMES: dict[str, str] = {
     # `flwr supernode register`'s key loader (tests: fedsilo's node keys load in Flower)
     "try_load_public_key": "flwr.cli.supernode.register:try_load_public_key",
 }
-__all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "ClientProxy", "SuperLinkLifespan", "Workflow", "WorkflowKey",
-           "console_handler", "create_app", "default_evaluate_workflow", "default_fit_workflow",
+__all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "ClientProxy", "ErrorCode", "SuperLinkLifespan", "Workflow",
+           "WorkflowKey", "console_handler", "create_app", "default_evaluate_workflow", "default_fit_workflow",
            "get_federation_manager", "get_objectstore_linkstate_factories", "get_uvicorn_log_config",
            "parse_superlink_lifespan_config", "try_load_public_key"]
 

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import stat
@@ -28,7 +29,7 @@ from common.appbundle import app_dir, stage_app
 from common.certs import check_certificate, check_key_matches
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError, JobInterruptedError
-from common.files import write_atomic
+from common.files import PRIVATE_MODE, exclusive_lock, write_atomic
 from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
 
 log = logging.getLogger(__name__)
@@ -185,21 +186,88 @@ def _flwr(state: ServerState, *args: str, capture: bool = True, own_session: boo
                               f"(`fedsilo server start --state-dir {state.root}`)?") from exc
 
 
+NODE_NAMES = "node-names.json"  # in the state directory: node id -> the name given at registration
+_REGISTERED = re.compile(r"SuperNode (\d+) registered successfully")
+
+
+def _names_file(state: ServerState) -> Path:
+    return state.root / NODE_NAMES
+
+
+def read_node_names(state_dir: Path) -> dict[int, str]:
+    """Node id -> the name it was registered with by `fedsilo server register` (empty before any). Flower 1.41
+    keeps that name too (the SuperLink's node table, `NodeInfo.name`: the ServerApp reads it through
+    `Grid.get_nodes`), but `flwr supernode list` shows neither it nor a way to it, only the owner account ("none"
+    without accounts), so fedsilo keeps its own copy for `server nodes`. ConfigError if the file is unreadable."""
+    path = _names_file(ServerState(state_dir))
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return {int(node_id): str(name) for node_id, name in doc["nodes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} (the registered nodes' names) is unreadable: {exc}. Remove it and register "
+                          "the departments' keys again, or restore it.") from exc
+
+
+def _remember_name(state: ServerState, node_id: int, name: str) -> None:
+    """Add node id -> name to the state directory's names (0600, written atomically, under a lock)."""
+    with exclusive_lock(state.root / f".{NODE_NAMES}.lock"):
+        names = read_node_names(state.root)
+        names[node_id] = name
+        doc = {"nodes": {str(k): v for k, v in sorted(names.items())}}
+        write_atomic(_names_file(state), (json.dumps(doc, indent=2) + "\n").encode(), mode=PRIVATE_MODE)
+
+
 def register_node(state_dir: Path, public_key: Path, name: str) -> str:
+    """Register a department's node public key under `name` (kept by Flower, and by fedsilo for `server nodes`)."""
     if not public_key.is_file():
         raise ConfigError(f"Public key {public_key} does not exist.")
-    proc = _flwr(ServerState(state_dir), "supernode", "register", str(public_key), CONNECTION, "--name", name)
+    state = ServerState(state_dir)
+    proc = _flwr(state, "supernode", "register", str(public_key), CONNECTION, "--name", name)
     if proc.returncode != 0 or "registered successfully" not in proc.stdout:
         raise DeploymentError(f"Registering {public_key} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
+    found = _REGISTERED.search(proc.stdout)
+    if found is None:
+        log.warning("register: Flower did not say the new node's id; `server nodes` will not show its name %r",
+                    name)
+    else:
+        _remember_name(state, int(found.group(1)), name)
     return proc.stdout.strip()
 
 
 def list_nodes(state_dir: Path, as_json: bool = False) -> str:
-    """Flower's table of the registered nodes (or its JSON: node-id, status, online-at, offline-at, ...)."""
-    proc = _flwr(ServerState(state_dir), "supernode", "list", CONNECTION, *(["--format", "json"] if as_json else []))
+    """The registered nodes, with the name each was registered with: a table (node id, name, status, since when),
+    or Flower's JSON (node-id, status, online-at, offline-at, ...) with each node's "name" added (null: registered
+    without fedsilo, or before fedsilo kept names)."""
+    proc = _flwr(ServerState(state_dir), "supernode", "list", CONNECTION, "--format", "json")
     if proc.returncode != 0:
         raise DeploymentError(f"Listing nodes failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
-    return proc.stdout
+    try:
+        doc = json.loads(proc.stdout)
+        nodes = doc["nodes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeploymentError(f"Listing nodes failed: Flower's answer is not its JSON listing: "
+                              f"{proc.stdout.strip()[-800:]}") from exc
+    names = read_node_names(state_dir)
+    for node in nodes:
+        node["name"] = names.get(int(node["node-id"]))
+    return json.dumps(doc) + "\n" if as_json else nodes_table(nodes)
+
+
+def nodes_table(nodes: Sequence[dict[str, Any]]) -> str:
+    """Nodes (Flower's JSON listing, with names) as a plain table, without unregistered nodes."""
+    since_field = {"online": "online-at", "offline": "offline-at", "registered": "created-at"}
+    rows = [("NODE ID", "NAME", "STATUS", "SINCE")]
+    for node in nodes:
+        status = str(node.get("status", ""))
+        if status == "unregistered":  # as Flower's own table: `--json` lists them
+            continue
+        rows.append((str(node.get("node-id", "")), str(node.get("name") or "(unknown)"), status,
+                     str(node.get(since_field.get(status, "deleted-at")) or "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n" + ("" if len(rows) > 1 else "(no nodes registered)\n")
 
 
 def _toml_value(value: bool | int | float | str) -> str:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from flwr.common import EvaluateRes, FitRes, Scalar
 
 from common import keys
 from server.aggregation import Outcome
+from server.compat import ErrorCode
 from server.records import AggregateStatus, DepartmentRound, Dropout, RoundRecord, RunSummary
 from server.report import RunRecorder
 
@@ -36,7 +37,8 @@ def failure_text(exc: object) -> str:
 
 
 def placeholder(node_id: int) -> str:
-    """A department's name in the report until it first says who it is."""
+    """A department's name in the report while nothing better is known: it never answered, and the SuperLink does
+    not know the name it was registered with."""
     return f"node-{node_id}"
 
 
@@ -44,19 +46,38 @@ def reported_name(metrics: Mapping[str, Scalar], node_id: int) -> str:
     return str(metrics.get(keys.M_DEPARTMENT, placeholder(node_id)))
 
 
-def learn_name(recorder: RunRecorder, node_names: dict[int, str], node_id: int, name: str) -> None:
-    """Remember which department a node is; records made before it first answered (it dropped out before
-    saying who it is) are renamed from `node-<id>`."""
+def known_nodes(recorder: RunRecorder) -> dict[int, str]:
+    """Node id -> department name, from the report (each department's `node_id`): what a resumed run knows."""
+    return {size.node_id: name for name, size in recorder.departments.items() if size.node_id is not None}
+
+
+def name_of(node_names: Mapping[int, str], registered: Mapping[int, str], node_id: int) -> str:
+    """What to call a node: the name its department reported (this run or before its resume), else the name it was
+    registered with at the SuperLink (`fedsilo server register --name`), else `node-<id>`."""
+    return node_names.get(node_id) or registered.get(node_id) or placeholder(node_id)
+
+
+def learn_name(recorder: RunRecorder, node_names: dict[int, str], node_id: int, name: str,
+               provisional: str | None = None) -> None:
+    """Remember which department a node is (in the report too: its `node_id`, kept across a resume). Records made
+    before it first answered, under `node-<id>` or `provisional` (its registration name), are renamed; one entry
+    per department per round stays (what the department said itself wins over what was recorded for it)."""
+    recorder.department(name).node_id = node_id
     if node_names.get(node_id) == name:
         return
     node_names[node_id] = name
-    old = placeholder(node_id)
+    olds = {placeholder(node_id), provisional} - {None, name}
     for record in recorder.rounds:
-        if old in record.departments:
-            record.departments.setdefault(name, record.departments.pop(old))
+        for old in olds:
+            if old in record.departments:
+                record.departments.setdefault(name, record.departments.pop(old))
         for dropout in record.dropouts:
-            if dropout.department == old:
+            if dropout.node_id == node_id:
                 dropout.department = name
+    for old in olds:
+        size = recorder.departments.get(old)  # type: ignore[arg-type]
+        if size is not None and size.node_id in (None, node_id):
+            del recorder.departments[old]  # type: ignore[arg-type]
 
 
 def fit_started(recorder: RunRecorder, server_round: int, seconds: float, failures: Sequence[object]) -> RoundRecord:
@@ -74,7 +95,10 @@ def fit_result(recorder: RunRecorder, record: RoundRecord, name: str, res: FitRe
     """A department's fit reply: its status, epsilon, reason, training time and training examples."""
     metrics = res.metrics
     status = str(metrics.get(keys.M_STATUS, keys.STATUS_FAILED))
-    recorder.department(name).n_train = int(metrics.get(keys.M_NUM_EXAMPLES, 0))
+    if keys.M_NUM_EXAMPLES in metrics:  # a failure reply does not say: the size it last reported stays
+        recorder.department(name).n_train = int(metrics[keys.M_NUM_EXAMPLES])
+    else:
+        recorder.department(name)
     dept = DepartmentRound(status=status, epsilon=_number(metrics.get(keys.M_EPSILON)),
                            delta=_number(metrics.get(keys.M_DELTA)), reason=_text(metrics.get(keys.M_REASON)),
                            train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)))
@@ -110,24 +134,60 @@ def halt(recorder: RunRecorder, server_round: int, failures: Sequence[BaseExcept
               attempt, len(failures))
 
 
-def dropouts(recorder: RunRecorder, node_names: Mapping[int, str], server_round: int, stage: str,
+def dropouts(recorder: RunRecorder, names: Callable[[int], str], server_round: int, stage: str,
              node_ids: set[int], attempt: int) -> None:
-    """Departments that stopped answering in `stage` (a SecAgg+ stage, "train" or "evaluate")."""
+    """Departments that stopped answering in `stage` (a SecAgg+ stage, "train" or "evaluate"), named by `names`."""
     record = recorder.round(server_round)
     record.attempts = max(record.attempts, attempt)
     for node_id in sorted(node_ids):
-        name = node_names.get(node_id, placeholder(node_id))
+        name = names(node_id)
         record.dropouts.append(Dropout(department=name, node_id=node_id, stage=stage, attempt=attempt))
         if stage not in ("unmask", "evaluate"):  # its update was not aggregated
             record.departments[name] = DepartmentRound(status=keys.STATUS_DROPPED,
                                                        reason=f"dropped out during {stage} (attempt {attempt})")
     log.warning("round %s: %d department(s) dropped out during %s (attempt %d): %s", server_round,
-                len(node_ids), stage, attempt, ", ".join(node_names.get(n, placeholder(n)) for n in sorted(node_ids)))
+                len(node_ids), stage, attempt, ", ".join(names(n) for n in sorted(node_ids)))
+
+
+def node_gone(code: int) -> bool:
+    """Whether an error reply's code says the node (or its message) is gone, rather than that its ClientApp
+    failed."""
+    return code in {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+
+
+def _code_name(code: int) -> str:
+    names = {value: name for name, value in vars(ErrorCode).items() if isinstance(value, int) and name.isupper()}
+    return names.get(code, f"error code {code}")
+
+
+def error_replies(recorder: RunRecorder, names: Callable[[int], str], server_round: int, stage: str,
+                  codes: Mapping[int, int]) -> None:
+    """Departments whose node answered `stage` ("train" or "evaluate") with an error instead of a result: their
+    ClientApp failed outside the department's own code (a mod, the site's gate, loading the app). Recorded as
+    failed with the error's code only: Flower's text of it (in `errors`) may carry the site's paths."""
+    record = recorder.round(server_round)
+    for node_id, code in sorted(codes.items()):
+        name = names(node_id)
+        reason = f"the site's ClientApp failed ({_code_name(code)}); see the site's log"
+        if stage == "evaluate":
+            dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+            dept.evaluate_status, dept.evaluate_reason = keys.STATUS_FAILED, reason
+        else:
+            record.departments[name] = DepartmentRound(status=keys.STATUS_FAILED, reason=reason)
+        log.warning("round %s: %s (node %s) answered %s with an error: %s", server_round, name, node_id, stage,
+                    _code_name(code))
 
 
 def evaluation(recorder: RunRecorder, record: RoundRecord, name: str, res: EvaluateRes) -> None:
-    """A department's evaluation reply: the global model's accuracy on its test, its epsilon, its test size."""
+    """A department's evaluation reply: the global model's accuracy on its test, its epsilon, its test size; or
+    that its evaluation failed, and why (in its own words, one public line)."""
     dept = record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+    if res.metrics.get(keys.M_STATUS) == keys.STATUS_FAILED:
+        dept.evaluate_status = keys.STATUS_FAILED
+        dept.evaluate_reason = _text(res.metrics.get(keys.M_REASON)) or "no reason given"
+        log.warning("aggregate_evaluate: round %s: %s's evaluation failed: %s", record.round, name,
+                    dept.evaluate_reason)
+        return
     dept.accuracy = float(res.metrics.get(keys.M_ACCURACY, 0.0))
     epsilon = res.metrics.get(keys.M_EPSILON)
     dept.epsilon = dept.epsilon if epsilon is None else _number(epsilon)
@@ -137,10 +197,21 @@ def evaluation(recorder: RunRecorder, record: RoundRecord, name: str, res: Evalu
     recorder.department(name).n_test = res.num_examples
 
 
-def round_finished(recorder: RunRecorder, record: RoundRecord, accuracy: float | None, seconds: float) -> None:
-    """The end of a round: departments that sent nothing count as failed, a round that never aggregated says so."""
+NOT_ASKED = "not connected when the round started"
+NO_REPLY = "asked, but no reply was recorded"
+
+
+def round_finished(recorder: RunRecorder, record: RoundRecord, accuracy: float | None, seconds: float,
+                   asked: set[str] | None = None) -> None:
+    """The end of a round: every department the run knows has one entry. One that was asked (`asked`, by name)
+    and has none failed; one that was not asked was not seen (it was not connected). A round that never aggregated
+    says so."""
     for name in recorder.departments:
-        record.departments.setdefault(name, DepartmentRound(status=keys.STATUS_FAILED))
+        if name not in record.departments:
+            not_asked = asked is not None and name not in asked
+            record.departments[name] = DepartmentRound(status=keys.STATUS_NOT_SEEN if not_asked
+                                                       else keys.STATUS_FAILED,
+                                                       reason=NOT_ASKED if not_asked else NO_REPLY)
     if record.aggregate is AggregateStatus.PENDING:
         record.keep_previous(NO_AGGREGATE)
     record.global_accuracy = accuracy
@@ -148,13 +219,22 @@ def round_finished(recorder: RunRecorder, record: RoundRecord, accuracy: float |
 
 
 def log_round(record: RoundRecord, num_rounds: int, eval_failures: int) -> None:
-    parts = ", ".join(f"{n}: {d.status} eps={d.epsilon if d.epsilon is None else round(d.epsilon, 3)} "
-                      f"acc={d.accuracy if d.accuracy is None else round(d.accuracy, 3)}"
-                      for n, d in sorted(record.departments.items()))
+    parts = ", ".join(_describe(name, d) for name, d in sorted(record.departments.items()))
     accuracy = record.global_accuracy
     log.info("round %s/%s: %.1fs, global accuracy %s, aggregate %s, %s evaluation failures; %s",
              record.round, num_rounds, record.seconds, "n/a" if accuracy is None else f"{accuracy:.4f}",
              record.describe_aggregate(), eval_failures, parts)
+
+
+def _describe(name: str, d: DepartmentRound) -> str:
+    """One department in a round's log line: status, epsilon, accuracy, and why it did not train or evaluate."""
+    text = (f"{name}: {d.status} eps={d.epsilon if d.epsilon is None else round(d.epsilon, 3)} "
+            f"acc={d.accuracy if d.accuracy is None else round(d.accuracy, 3)}")
+    if d.status != keys.STATUS_TRAINED and d.reason:
+        text += f" ({d.reason})"
+    if d.evaluate_status is not None:
+        text += f" [evaluation {d.evaluate_status}: {d.evaluate_reason}]"
+    return text
 
 
 def reported_delta(recorder: RunRecorder) -> float | None:

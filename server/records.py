@@ -64,15 +64,20 @@ class _Record(BaseModel):
 class DepartmentRound(_Record):
     """One department in one round: what it reported (fit and evaluation metrics) and what the server decided."""
 
-    _OMIT_IF_NONE = frozenset({"reason"})
+    _OMIT_IF_NONE = frozenset({"reason", "evaluate_status", "evaluate_reason"})
 
-    status: str = Field(description="trained, declined_budget, declined_policy, failed, not_seen or dropped")
+    status: str = Field(description="trained, declined_budget, declined_policy, failed, not_seen (not connected "
+                                    "when the round started) or dropped")
     epsilon: Measure = Field(default=None, description="epsilon spent so far, from the department's own ledger")
     delta: Measure = Field(default=None, description="delta of that epsilon (the department's own site config)")
     accuracy: Measure = Field(default=None, description="accuracy of the global model on its held-out test")
     n_test: int | None = Field(default=None, description="its held-out test examples this round")
     reason: str | None = Field(default=None, description="why it did not train or was not counted")
     train_seconds: Measure = Field(default=None, description="its own local-training time this round")
+    evaluate_status: str | None = Field(default=None, description="failed when its evaluation of the global model "
+                                                                  "failed (absent: evaluated, or not asked)")
+    evaluate_reason: str | None = Field(default=None, description="why its evaluation failed (one line, from the "
+                                                                  "department: no data values or paths)")
 
 
 class Dropout(_Record):
@@ -86,10 +91,15 @@ class Dropout(_Record):
 
 
 class DepartmentSize(_Record):
-    """A department's data sizes, as it last reported them."""
+    """A department's data sizes, as it last reported them, and the node it last answered from."""
+
+    _OMIT_IF_NONE = frozenset({"node_id"})
 
     n_train: int = 0
     n_test: int = 0
+    node_id: int | None = Field(default=None, description="the Flower node id it last answered from: the server "
+                                                          "names that node's records by this department, on resume "
+                                                          "too")
 
 
 class RoundRecord(_Record):

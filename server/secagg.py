@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 from typing import Any, cast
 
 from flwr.app import Context, Message, RecordDict
@@ -118,6 +119,8 @@ class StageTimeoutGrid(GridBase):
         self._poll_interval = poll_interval
         self._sleep = time.sleep if sleep is None else sleep
         self._clock = time.monotonic if clock is None else clock
+        # node id -> the code of its error reply in the last exchange (Flower's workflows keep only the text)
+        self.error_replies: dict[int, int] = {}
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -132,6 +135,9 @@ class StageTimeoutGrid(GridBase):
 
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:  # Flower's NodeInfo messages (the registration name among them)
+        return registered_nodes(self._grid)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -156,6 +162,7 @@ class StageTimeoutGrid(GridBase):
             if not pending or remaining <= 0:
                 break
             self._sleep(min(self._poll_interval, remaining))
+        self.error_replies = {r.metadata.src_node_id: int(r.error.code) for r in replies if r.has_error()}
         silent = {m.metadata.dst_node_id for m in out} - {r.metadata.src_node_id for r in replies}
         if silent:
             # The workflows record them as dropouts of the stage (the strategy's and SecAgg+'s own bookkeeping).
@@ -240,9 +247,28 @@ def build_workflow(job: JobConfig, strategy: FedSiloStrategy, completed_rounds: 
                            evaluate_workflow=skip_completed(default_evaluate_workflow, completed_rounds))
 
 
+def registered_nodes(grid: Any) -> Iterable[Any]:
+    """The grid's node information (`Grid.get_nodes`, Flower's NodeInfo: the SuperLink's record of each node, its
+    registration name included); a grid without it (before Flower had it) gives the node ids only."""
+    get_nodes = getattr(grid, "get_nodes", None)
+    if get_nodes is None:
+        return [SimpleNamespace(node_id=node_id, name="") for node_id in grid.get_node_ids()]
+    return cast(Iterable[Any], get_nodes())
+
+
+def registered_names(grid: Any) -> dict[int, str]:
+    """Node id -> the name each node was registered with (`fedsilo server register --name`, Flower's
+    `flwr supernode register --name`), from the grid's node information (`registered_nodes`: the SuperLink's
+    `NodeInfo.name` in deployment; simulated nodes have none). Nodes without a name are left out."""
+    return {int(node.node_id): str(node.name) for node in registered_nodes(grid) if getattr(node, "name", "")}
+
+
 def run_workflow(grid: Grid, context: Context, job: JobConfig, strategy: FedSiloStrategy,
                  completed_rounds: int = 0) -> None:
     """Run the job's rounds after `completed_rounds` (0 for a new run, the checkpoint's round when resuming)."""
+    strategy.use_registry(lambda: registered_names(grid))
+    timed = StageTimeoutGrid(grid, job.stage_timeout)
+    strategy.use_error_replies(lambda: timed.error_replies)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=job.num_server_rounds),
                            strategy=strategy)
-    build_workflow(job, strategy, completed_rounds)(StageTimeoutGrid(grid, job.stage_timeout), legacy)
+    build_workflow(job, strategy, completed_rounds)(timed, legacy)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,14 @@ class FedSiloStrategy(Strategy):
         self.on_round = on_round
         self.global_arrays = initial
         self.round_start = 0.0
-        self.node_names: dict[int, str] = {}  # node id -> department name, learned from their replies
+        # node id -> department name, learned from their replies (and, on resume, from the report)
+        self.node_names: dict[int, str] = recording.known_nodes(recorder)
+        # node id -> the name it was registered with at the SuperLink (`use_registry`; empty in simulation)
+        self.registry: Callable[[], Mapping[int, str]] = dict
+        self._registered: dict[int, str] = {}
+        self._looked_up: set[int] = set()  # nodes the registry was asked about (once each)
+        # node id -> the code of its error reply in the last exchange (`use_error_replies`; the grid knows it)
+        self.error_replies: Callable[[], Mapping[int, int]] = dict
         self.asked: dict[str, set[int]] = {}  # "train"/"evaluate" -> node ids asked this round
 
     def __repr__(self) -> str:
@@ -113,7 +120,7 @@ class FedSiloStrategy(Strategy):
             return True
         why = aggregation.screen_update(res, self.global_arrays, self.job.max_update_norm)
         if why is not None:
-            name = recording.reported_name(res.metrics, proxy.node_id)  # as `_trained` recorded it
+            name = self.name_of(proxy.node_id)  # as `_trained` recorded it
             recording.rejected(record.departments[name], server_round, name, proxy.node_id, why)
         return why is None
 
@@ -143,9 +150,31 @@ class FedSiloStrategy(Strategy):
                       server_round, decided.reason)
         return decided
 
+    def use_registry(self, registry: Callable[[], Mapping[int, str]]) -> None:
+        """Where to look up the names nodes were registered with (the grid's node information, deployment)."""
+        self.registry = registry
+
+    def use_error_replies(self, error_replies: Callable[[], Mapping[int, int]]) -> None:
+        """Where to look up which nodes answered the last exchange with an error, and its code."""
+        self.error_replies = error_replies
+
+    def name_of(self, node_id: int) -> str:
+        """A node's department name: the one it reported, else its registration name, else `node-<id>`."""
+        if node_id not in self.node_names and node_id not in self._looked_up:
+            try:  # a node not seen before: ask the SuperLink once more
+                self._registered.update(self.registry())
+            except Exception as exc:  # noqa: BLE001 (a name is not worth the job: the node stays node-<id>)
+                log.warning("could not look up the registration name of node %s: %s: %s", node_id,
+                            type(exc).__name__, exc)
+            self._looked_up.update(self._registered, {node_id})
+        return recording.name_of(self.node_names, self._registered, node_id)
+
     def _learn_name(self, node_id: int, metrics: dict[str, Scalar]) -> str:
-        name = recording.reported_name(metrics, node_id)
-        recording.learn_name(self.recorder, self.node_names, node_id, name)
+        """The department's name from its reply (remembered for its node), or `name_of` if it did not say."""
+        if keys.M_DEPARTMENT not in metrics:
+            return self.name_of(node_id)
+        name = str(metrics[keys.M_DEPARTMENT])
+        recording.learn_name(self.recorder, self.node_names, node_id, name, self._registered.get(node_id))
         return name
 
     def record_halt(self, server_round: int, failures: list[BaseException], attempt: int = 1) -> None:
@@ -154,13 +183,19 @@ class FedSiloStrategy(Strategy):
 
     def record_dropouts(self, server_round: int, stage: str, node_ids: set[int], attempt: int = 1) -> None:
         """Departments that stopped answering in `stage` (a SecAgg+ stage, "train" or "evaluate")."""
-        recording.dropouts(self.recorder, self.node_names, server_round, stage, node_ids, attempt)
+        recording.dropouts(self.recorder, self.name_of, server_round, stage, node_ids, attempt)
 
     def record_missing(self, server_round: int, stage: str, answered: set[int]) -> None:
-        """The departments asked in `stage` ("train" or "evaluate") that did not answer are dropouts."""
+        """The departments asked in `stage` ("train" or "evaluate") without an answer: those whose node answered
+        with an error (their ClientApp failed outside the department's own code, which answers its failures
+        itself) failed; the others (gone, unavailable, silent) are dropouts."""
         missing = self.asked.get(stage, set()) - answered
-        if missing:
-            self.record_dropouts(server_round, stage, missing)
+        codes = self.error_replies()
+        failed = {node_id: codes[node_id] for node_id in missing
+                  if node_id in codes and not recording.node_gone(codes[node_id])}
+        recording.error_replies(self.recorder, self.name_of, server_round, stage, failed)
+        if missing - set(failed):
+            self.record_dropouts(server_round, stage, missing - set(failed))
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         """Central evaluation on the global held-out test (simulation only), after the last round."""
@@ -202,7 +237,8 @@ class FedSiloStrategy(Strategy):
     def _finish_round(self, server_round: int, accuracy: float | None, eval_failures: int) -> None:
         """The round's record is complete: written, logged, and handed to the round hook (checkpoint, progress)."""
         record = self.recorder.round(server_round)
-        recording.round_finished(self.recorder, record, accuracy, time.perf_counter() - self.round_start)
+        asked = {self.name_of(node_id) for node_id in self.asked.get("train", set())}
+        recording.round_finished(self.recorder, record, accuracy, time.perf_counter() - self.round_start, asked)
         recording.log_round(record, self.job.num_server_rounds, eval_failures)
         self.recorder.write()
         if self.on_round is not None:

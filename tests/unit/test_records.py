@@ -49,9 +49,10 @@ def _maybe(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 # One strategy per field of every record: test_every_field_of_every_record_is_generated keeps this complete.
 FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     DepartmentRound: {"status": text, "epsilon": _maybe(finite), "delta": _maybe(finite), "accuracy": _maybe(finite),
-                      "n_test": _maybe(counts), "reason": _maybe(text), "train_seconds": _maybe(finite)},
+                      "n_test": _maybe(counts), "reason": _maybe(text), "train_seconds": _maybe(finite),
+                      "evaluate_status": _maybe(text), "evaluate_reason": _maybe(text)},
     Dropout: {"department": names, "node_id": st.integers(), "stage": text, "attempt": st.integers(1, 5)},
-    DepartmentSize: {"n_train": counts, "n_test": counts},
+    DepartmentSize: {"n_train": counts, "n_test": counts, "node_id": _maybe(st.integers())},
     ResumeRecord: {"after_round": counts, "time": text,
                    "checkpoint_versions": st.dictionaries(names, text, max_size=3)},
 }

@@ -31,8 +31,9 @@ class FakeGrid:
     """A grid whose node `n` replies `answer_after[n]` seconds after the push (never if absent); `push_messages`
     returns None for nodes in `unpushable`, as Flower's deployment grid does for a message it could not push."""
 
-    def __init__(self, clock: FakeClock, answer_after: dict[int, float], unpushable: frozenset[int] = frozenset()
-                 ) -> None:
+    def __init__(self, clock: FakeClock, answer_after: dict[int, float], unpushable: frozenset[int] = frozenset(),
+                 error_codes: dict[int, int] | None = None) -> None:
+        self.error_codes = error_codes or {}  # node -> the code of the error it answers with
         self.clock = clock
         self.answer_after = answer_after
         self.unpushable = unpushable
@@ -55,7 +56,9 @@ class FakeGrid:
         asked = set(message_ids)
         self.pulls.append(asked)
         waited = self.clock() - self.pushed_at
-        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=self.ids[i], reply_to_message_id=i))
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=self.ids[i], reply_to_message_id=i),
+                                has_error=lambda i=i: self.ids[i] in self.error_codes,
+                                error=SimpleNamespace(code=self.error_codes.get(self.ids[i], 0)))
                 for i in sorted(asked) if self.answer_after.get(self.ids[i], float("inf")) <= waited]
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
@@ -123,3 +126,28 @@ def test_departments_gone_before_their_shares_left_are_not_unmasked() -> None:
     assert state.nid_to_neighbours[1] == {1, 2}
     assert state.nid_to_neighbours[2] == {1, 2, 4}
     assert state.nid_to_neighbours[4] == {2, 4}
+
+
+def test_registration_names_come_from_the_grids_node_information() -> None:
+    from types import SimpleNamespace
+
+    from server.secagg import StageTimeoutGrid, registered_names
+
+    class OldGrid:  # a grid with node ids only
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    class Grid(OldGrid):
+        def get_nodes(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(node_id=1, name="radiology"), SimpleNamespace(node_id=2, name="")]
+
+    assert registered_names(OldGrid()) == {}
+    assert registered_names(Grid()) == {1: "radiology"} == registered_names(StageTimeoutGrid(Grid(), 1.0))
+
+
+def test_the_grid_tells_which_nodes_answered_with_an_error() -> None:
+    grid, _, _ = _grid({1: 0.0, 2: 0.0}, error_codes={2: 2})
+    grid.send_and_receive([_to(1), _to(2), _to(3)], timeout=1.0)
+    assert grid.error_replies == {2: 2}
+    grid.send_and_receive([_to(1)], timeout=1.0)
+    assert grid.error_replies == {}  # the last exchange's only

@@ -191,3 +191,122 @@ def test_evaluation_every_k_rounds_and_in_the_last(tmp_path) -> None:
     strategy.recorder.write()
     strategy.recorder.plot()
     assert (tmp_path / "accuracy.png").exists()
+
+
+def _zeros() -> list[np.ndarray]:
+    return [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+
+
+def test_a_node_that_never_answered_is_called_by_its_registration_name(strategy: FedSiloStrategy) -> None:
+    lookups: list[int] = []
+
+    def registry() -> dict[int, str]:
+        lookups.append(1)
+        return {7: "Radiology (registered)"}
+
+    strategy.use_registry(registry)
+    strategy.record_dropouts(1, "setup", {7, 9})
+    record = strategy.recorder.round(1)
+    assert set(record.departments) == {"Radiology (registered)", "node-9"}  # 9: registered without a name
+    strategy.record_dropouts(1, "share_keys", {9})
+    assert len(lookups) == 2  # 7 and 9 were looked up once each, not at every mention
+    strategy.aggregate_fit(2, [(_proxy(7), _fit("radiology", _zeros(), 10))], [])
+    first = strategy.recorder.rounds[0]
+    assert set(first.departments) == {"radiology", "node-9"}  # what the department says it is wins
+    assert first.dropouts[0] == Dropout(department="radiology", node_id=7, stage="setup", attempt=1)
+
+
+def test_one_entry_per_department_per_round_after_a_resume(strategy: FedSiloStrategy, tmp_path) -> None:
+    """A department killed after round 1 whose server was resumed: round 2 lists it once, as dropped, by name."""
+    strategy.aggregate_fit(1, [(_proxy(7), _fit("radiology", _zeros(), 10)),
+                               (_proxy(8), _fit("oncology", _zeros(), 10))], [])
+    strategy.round_start = 0.0
+    strategy._finish_round(1, None, 0)
+    saved = strategy.recorder.report.model_copy(deep=True)
+    assert saved.departments["radiology"].node_id == 7
+
+    resumed = FedSiloStrategy(strategy.job, strategy.global_arrays, "fp", RunRecorder({}, tmp_path, report=saved))
+    resumed.asked["train"] = {7, 8}
+    resumed.aggregate_fit(2, [(_proxy(8), _fit("oncology", _zeros(), 10))], [RuntimeError("node 7 unavailable")])
+    resumed.round_start = 0.0
+    resumed._finish_round(2, None, 0)
+    second = resumed.recorder.round(2)
+    assert set(second.departments) == {"radiology", "oncology"}
+    assert second.departments["radiology"].status == keys.STATUS_DROPPED
+    assert second.dropouts == [Dropout(department="radiology", node_id=7, stage="train", attempt=1)]
+
+
+def test_a_known_department_that_was_not_asked_was_not_seen(strategy: FedSiloStrategy) -> None:
+    strategy.aggregate_fit(1, [(_proxy(7), _fit("radiology", _zeros(), 10)),
+                               (_proxy(8), _fit("oncology", _zeros(), 10))], [])
+    strategy.asked["train"] = {8}  # radiology was not connected when round 2 started
+    strategy.aggregate_fit(2, [(_proxy(8), _fit("oncology", _zeros(), 10))], [])
+    strategy.round_start = 0.0
+    strategy._finish_round(2, None, 0)
+    radiology = strategy.recorder.round(2).departments["radiology"]
+    assert (radiology.status, radiology.reason) == (keys.STATUS_NOT_SEEN, "not connected when the round started")
+
+
+def test_a_failure_is_recorded_with_its_reason_in_the_report_and_the_log(strategy: FedSiloStrategy,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    failed = _fit("radiology", _zeros(), 0, keys.STATUS_FAILED)
+    failed.metrics[keys.M_REASON] = "DataError at site radiology: labels <values> are not among the job's labels"
+    strategy.aggregate_fit(1, [(_proxy(7), failed), (_proxy(8), _fit("oncology", _zeros(), 10))], [])
+    broken = EvaluateRes(status=OK, loss=0.0, num_examples=0,
+                         metrics={keys.M_DEPARTMENT: "oncology", keys.M_STATUS: keys.STATUS_FAILED,
+                                  keys.M_REASON: "internal error (KeyError) at site oncology; see the site's log"})
+    good = EvaluateRes(status=OK, loss=0.5, num_examples=10,
+                       metrics={keys.M_DEPARTMENT: "radiology", keys.M_ACCURACY: 0.5, keys.M_CORRECT: 5})
+    strategy.round_start = 0.0
+    with caplog.at_level("INFO"):
+        strategy.aggregate_evaluate(1, [(_proxy(8), broken), (_proxy(7), good)], [])
+    record = strategy.recorder.round(1)
+    radiology, oncology = record.departments["radiology"], record.departments["oncology"]
+    assert (radiology.status, radiology.reason) == (keys.STATUS_FAILED, failed.metrics[keys.M_REASON])
+    assert strategy.recorder.departments["radiology"].n_train == 0  # never said otherwise
+    failed.metrics.pop(keys.M_NUM_EXAMPLES)
+    strategy.aggregate_fit(2, [(_proxy(7), _fit("radiology", _zeros(), 12))], [])
+    strategy.aggregate_fit(3, [(_proxy(7), failed)], [])  # a failure reply without its size keeps the last one
+    assert strategy.recorder.departments["radiology"].n_train == 12
+    assert (oncology.status, oncology.evaluate_status) == (keys.STATUS_TRAINED, keys.STATUS_FAILED)
+    assert oncology.accuracy is None and oncology.evaluate_reason.startswith("internal error (KeyError)")
+    assert record.global_accuracy == 0.5
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("round 1/"))
+    assert "radiology: failed" in line and "(DataError at site radiology" in line
+    assert "[evaluation failed: internal error (KeyError)" in line
+
+
+def test_a_node_that_answered_with_an_error_failed_and_one_that_is_gone_dropped(strategy: FedSiloStrategy) -> None:
+    """Errors Flower reports for a node (its gate or a mod failed; the node is gone) keep to their code: Flower's
+    text of them may name the site's files."""
+    from server.compat import ErrorCode
+
+    strategy.aggregate_fit(1, [(_proxy(7), _fit("radiology", _zeros(), 10)),
+                               (_proxy(8), _fit("oncology", _zeros(), 10)),
+                               (_proxy(9), _fit("cardiology", _zeros(), 10))], [])
+    strategy.asked["train"] = {7, 8, 9}
+    strategy.use_error_replies(lambda: {7: ErrorCode.CLIENT_APP_RAISED_EXCEPTION, 8: ErrorCode.NODE_UNAVAILABLE})
+    strategy.aggregate_fit(2, [(_proxy(9), _fit("cardiology", _zeros(), 10))],
+                           [RuntimeError("Traceback /srv/site/x.py"), RuntimeError("node unavailable")])
+    record = strategy.recorder.round(2)
+    radiology, oncology = record.departments["radiology"], record.departments["oncology"]
+    assert radiology.status == keys.STATUS_FAILED
+    assert radiology.reason == "the site's ClientApp failed (CLIENT_APP_RAISED_EXCEPTION); see the site's log"
+    assert oncology.status == keys.STATUS_DROPPED
+    assert [d.department for d in record.dropouts] == ["oncology"]
+    strategy.asked["evaluate"] = {7, 9}
+    strategy.use_error_replies(lambda: {9: ErrorCode.CLIENT_APP_CRASHED})
+    strategy.round_start = 0.0
+    strategy.aggregate_evaluate(2, [], [RuntimeError("crashed")])
+    cardiology = record.departments["cardiology"]
+    assert (cardiology.status, cardiology.evaluate_status) == (keys.STATUS_TRAINED, keys.STATUS_FAILED)
+    assert "CLIENT_APP_CRASHED" in cardiology.evaluate_reason
+    assert set(record.departments) == {"radiology", "oncology", "cardiology"}
+
+
+def test_a_failing_name_lookup_leaves_the_placeholder(strategy: FedSiloStrategy) -> None:
+    def registry() -> dict[int, str]:
+        raise ConnectionError("SuperLink unreachable")
+
+    strategy.use_registry(registry)
+    assert strategy.name_of(5) == "node-5"
