@@ -18,6 +18,10 @@ from common.updates import AGGREGATE_NORM_SLACK, check_update, update_norm
 
 NO_DEPARTMENT_TRAINED = "no department trained"  # every department declined, failed or dropped: nothing to average
 NO_USABLE_UPDATE = "no usable update"  # some trained, but every update was rejected
+# Under SecAgg+ the server unmasks only a sum of at least this many departments' updates (one is not a sum).
+MIN_SUMMANDS = 2
+TOO_FEW_SUMMANDS = ("only one department trained: under SecAgg+ the sum of one update is that update, so it was not "
+                    "unmasked")
 AGGREGATION_FAILED = "aggregation failed"
 UNMASKED_AGGREGATE_UNUSABLE = "unmasked aggregate unusable"
 

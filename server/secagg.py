@@ -71,9 +71,9 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
                             _current_round(context), attempt + 1, self._retries + 1)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        """Flower's unmask stage, unless no collected update has weight (every department declined, or sent no
-        examples): `skip_unmask_without_weight`."""
-        if skip_unmask_without_weight(context, state):
+        """Flower's unmask stage, unless fewer than `MIN_SUMMANDS` collected updates have weight (a "sum" of one
+        update is that update; of none, a division by zero): `skip_unmask_below_floor`."""
+        if skip_unmask_below_floor(context, state):
             return True
         return cast(bool, super().unmask_stage(grid, context, state))
 
@@ -171,22 +171,24 @@ class StageTimeoutGrid(GridBase):
         return replies
 
 
-def skip_unmask_without_weight(context: LegacyContext, state: Any) -> bool:
-    """When no department's masked update has weight, give the strategy the replies without an aggregate and return
-    True (the unmask stage is done); otherwise False (unmask as usual).
+def skip_unmask_below_floor(context: LegacyContext, state: Any) -> bool:
+    """When fewer than `aggregation.MIN_SUMMANDS` departments' masked updates have weight, give the strategy the
+    replies without an aggregate and return True (the unmask stage is done); otherwise False (unmask as usual).
 
-    SecAgg+ sums each department's weight (its examples) with its weighted update, and Flower's unmask stage divides
-    the unmasked sum by the total weight: with every department declined (weight 0) that is a division by zero (a
-    RuntimeWarning, and a NaN "average"). Then there is nothing to unmask or average, so the departments are not
-    asked for their shares (the next round's setup makes Flower's `secaggplus_mod` log "Restart from the setup
+    SecAgg+ promises that the server learns only the sum of the departments' updates. Departments that declined
+    still take part in the protocol, with a zero update of weight 0, so when only one department trained the
+    unmasked "sum" would be that department's update, in the clear: it is not unmasked. With none (every department
+    declined) Flower's unmask stage would also divide the sum by a total weight of 0. Either way the departments are
+    not asked for their shares (the next round's setup makes Flower's `secaggplus_mod` log "Restart from the setup
     stage" at each site, as after a halted round), no aggregate is computed, and the strategy records the round
-    (statuses and reasons) and keeps the previous model ("no department trained").
+    (statuses and reasons) and keeps the previous model.
     """
     results = state.legacy_results
-    if any(aggregation.weighs_in(res) for _, res in results):
+    summands = sum(aggregation.weighs_in(res) for _, res in results)
+    if summands >= aggregation.MIN_SUMMANDS:
         return False
-    log.info("round %s: no department's update has weight (%d replied); nothing to unmask or average",
-             _current_round(context), len(results))
+    log.warning("round %s: %d department update(s) with weight (%d replied): fewer than %d, so their sum is not "
+                "unmasked", _current_round(context), summands, len(results), aggregation.MIN_SUMMANDS)
     for _, res in results:  # their masked vectors are not an aggregate: the strategy must not see them as one
         res.parameters = Parameters(tensors=[], tensor_type="")
     context.strategy.aggregate_fit(_current_round(context), results, state.failures)

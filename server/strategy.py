@@ -103,8 +103,14 @@ class FedSiloStrategy(Strategy):
         accepted = [(proxy, res) for proxy, res in trained if self._accept(server_round, record, proxy, res)]
         if not self.job.secagg:  # under SecAgg+ the workflow reports dropouts stage by stage
             self.record_missing(server_round, "train", {proxy.node_id for proxy, _ in results})
-        decided = (self._aggregate(server_round, accepted) if trained
-                   else self._nothing_trained(server_round, len(results)))
+        if not trained:
+            decided = self._nothing_trained(server_round, len(results))
+        elif self.job.secagg and len(trained) < aggregation.MIN_SUMMANDS:
+            log.warning("aggregate_fit: round %s: %s; keeping the previous global model", server_round,
+                        aggregation.TOO_FEW_SUMMANDS)
+            decided = aggregation.keep_previous(self.global_arrays, aggregation.TOO_FEW_SUMMANDS)
+        else:
+            decided = self._aggregate(server_round, accepted)
         recording.outcome(record, decided)
         self.global_arrays = decided.arrays
         return ndarrays_to_parameters(decided.arrays), {}

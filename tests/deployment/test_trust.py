@@ -115,7 +115,8 @@ def test_job_asking_for_more_rounds_than_a_site_allows_is_declined_there(deploym
         assert cardiology["status"] == "declined_policy"
         assert "asks for 2 rounds, the site's policy allows at most 1" in cardiology["reason"]
         assert oncology["status"] == "trained"
-        assert r["aggregate"] == "applied"
+        # Under SecAgg+ the sum of oncology's update alone would be its update: it is not unmasked
+        assert r["aggregate"] == "kept_previous" and "only one department trained" in r["aggregate_reason"]
     root = deployment["root"]
     assert not (root / "sites" / "cardiology" / "ledger.json").exists()  # declined before any charge
     oncology = LedgerFile(root / "sites" / "oncology" / "ledger.json", "oncology", 8.0, 1e-5, "rdp").read()

@@ -46,7 +46,7 @@ def test_job_ends_after_max_idle_rounds_with_the_reason(tmp_path: Path, monkeypa
     assert main(argv) == EXIT_ERROR
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedsilo: error: ")]
     assert len(err) == 1 and "ended early after 2 of 5 rounds" in err[0], err
-    assert "radiology: dropped" in err[0]
+    assert "radiology: failed" in err[0]
     report = read_report(out / REPORT_JSON)
     assert [r.round for r in report.rounds] == [1, 2]
     assert report.final is not None and report.final.outcome == "ended_early"

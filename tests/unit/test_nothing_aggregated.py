@@ -15,7 +15,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from common import keys
 from common.config import JobConfig
-from server.aggregation import NO_DEPARTMENT_TRAINED, NO_USABLE_UPDATE
+from server.aggregation import NO_DEPARTMENT_TRAINED, NO_USABLE_UPDATE, TOO_FEW_SUMMANDS
 from server.compat import MAIN_CONFIGS_RECORD, WorkflowKey
 from server.records import AggregateStatus
 from server.report import RunRecorder
@@ -113,8 +113,23 @@ def test_secagg_unmask_with_weight_is_flowers_own(monkeypatch: pytest.MonkeyPatc
     calls: list[Any] = []
     monkeypatch.setattr(SecAggPlusWorkflow, "unmask_stage", lambda self, grid, context, state: calls.append(grid)
                         or True)
-    trained = [*_declined(), (SimpleNamespace(node_id=3), _reply("radiology", keys.STATUS_TRAINED, 40))]
+    trained = [*_declined(), (SimpleNamespace(node_id=3), _reply("radiology", keys.STATUS_TRAINED, 40)),
+               (SimpleNamespace(node_id=4), _reply("urology", keys.STATUS_TRAINED, 30))]
     context, state = _secagg_round(SimpleNamespace(aggregate_fit=None), trained)
     grid = object()
     assert _workflow().unmask_stage(grid, context, state) is True
     assert calls == [grid]
+
+
+def test_secagg_does_not_unmask_the_update_of_a_lone_trainer(tmp_path: Any) -> None:
+    """One department trained, the others declined (zero updates of weight 0): the unmasked "sum" would be its
+    update in the clear, so it is not unmasked, and the previous model stays."""
+    strategy = _strategy(tmp_path, secagg=True)
+    lone = [*_declined(), (SimpleNamespace(node_id=3), _reply("radiology", keys.STATUS_TRAINED, 40))]
+    context, state = _secagg_round(strategy, lone)
+    assert _workflow().unmask_stage(UnusedGrid(), context, state) is True  # done without asking for shares
+    record = strategy.recorder.round(1)
+    assert record.aggregate is AggregateStatus.KEPT_PREVIOUS and record.aggregate_reason == TOO_FEW_SUMMANDS
+    assert record.departments["radiology"].status == keys.STATUS_TRAINED
+    assert all(res.parameters.tensors == [] for _, res in state.legacy_results)
+    assert strategy.global_arrays is INITIAL
