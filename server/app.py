@@ -43,6 +43,20 @@ class SimulatedSites:
 SitesView = Callable[[JobConfig, SimulationConfig, Path], SimulatedSites]
 
 
+def finish_run(recorder: RunRecorder, job: JobConfig, sites: SimulatedSites | None, ended_early: str | None) -> None:
+    """Write the run's final record (accuracy, privacy spent, outcome) into its report, and the plots."""
+    final = run_summary(recorder, delta=sites.delta if sites is not None else None, dp=job.dp,
+                        secure_aggregation=job.secagg)
+    if ended_early is not None:
+        final.outcome, final.outcome_reason = "ended_early", ended_early
+    if job.dp:
+        accountants = sites.accountants if sites is not None else {"each site's ledger accountant (default rdp)"}
+        final.privacy = privacy_statement(final.epsilon, final.delta, ", ".join(sorted(accountants)))
+    recorder.report.final = final
+    recorder.write()
+    recorder.plot()
+
+
 def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = None, *,
                      simulated_sites: SitesView | None = None, on_round: RoundHook | None = None) -> ServerApp:
     """The ServerApp; `overrides` are merged over the run config. A simulation passes `simulated_sites`, which
@@ -95,17 +109,7 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
             except JobEndedEarlyError as exc:
                 ended_early = str(exc)
                 log.error("server: job ended early after round %d: %s", len(recorder.rounds), exc)
-        final = run_summary(recorder, delta=sites.delta if sites is not None else None, dp=job.dp,
-                            secure_aggregation=job.secagg)
-        if ended_early is not None:
-            final.outcome, final.outcome_reason = "ended_early", ended_early
-        if job.dp:
-            accountants = (sites.accountants if sites is not None
-                           else {"each site's ledger accountant (default rdp)"})
-            final.privacy = privacy_statement(final.epsilon, final.delta, ", ".join(sorted(accountants)))
-        recorder.report.final = final
-        recorder.write()
-        recorder.plot()
+        finish_run(recorder, job, sites, ended_early)
 
     return app
 
