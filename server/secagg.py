@@ -134,7 +134,7 @@ class _SizingStrategy:
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> Any:
         sampled = self._strategy.configure_fit(server_round, parameters, client_manager)
-        if sampled:
+        if len(sampled) >= 2:  # fewer: Flower's setup stage halts the round before it reads the neighbourhood
             self._on_sampled(len(sampled))
         return sampled
 

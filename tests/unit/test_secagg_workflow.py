@@ -243,10 +243,10 @@ def test_the_setup_stage_sizes_the_round_by_the_departments_the_strategy_sampled
     monkeypatch.setattr(SecAggPlusWorkflow, "setup_stage", flowers_setup)
     workflow = ReportingSecAggPlusWorkflow(num_shares=31, reconstruction_threshold=0.67, on_halt=lambda *a: None,
                                            on_dropout=lambda *a: None)
-    for sampled in (5, 100):
+    for sampled in (5, 1, 100):  # one department: Flower halts the round (no neighbourhood to size)
         strategy = SimpleNamespace(configure_fit=lambda rnd, params, cm, n=sampled: [object()] * n, name="fedsilo")
         context = SimpleNamespace(strategy=strategy, client_manager=None, state=None)
         state = SimpleNamespace(active_node_ids=set(), sampled_node_ids=set(), nid_to_neighbours={})
         assert workflow.setup_stage(object(), context, state) is True  # type: ignore[arg-type]
         assert context.strategy is strategy  # the caller's context is not changed
-    assert seen == [(5, 3), (31, 21)]
+    assert seen == [(5, 3), (5, 3), (31, 21)]
