@@ -26,12 +26,40 @@ SECAGG_MODULUS = 2**32
 RunConfig = Mapping[str, bool | int | float | str]
 JOB_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 JOB_ID_MAX = 64
+# The default SecAgg+ neighbourhood: every department up to 31, above that 31 (Bell et al., CCS 2020: a
+# neighbourhood of O(log n) departments suffices; Shamir sharing costs grow with its size).
+SECAGG_NEIGHBOURHOOD = 31
 
 
 def _job_id(value: str) -> str:
     """A job id as given ("" stays ""): short and plain, since it travels in every fit config and every ledger."""
     if len(value) > JOB_ID_MAX or not set(value) <= JOB_ID_CHARS:
         raise ValueError(f"must be at most {JOB_ID_MAX} letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def _num_shares(value: float) -> float:
+    """`secagg-num-shares` as Flower's SecAggPlusWorkflow reads it: a fraction (<= 1) stays a float, a count (> 1)
+    becomes an int. A count is odd: Flower's neighbour ring is the department and as many on each side."""
+    if value <= 1:
+        return value
+    if not value.is_integer():
+        raise ValueError(f"must be a fraction of the departments (at most 1) or a whole number of departments, "
+                         f"got {value:g}")
+    count = int(value)
+    if count < 3 or count % 2 == 0:
+        raise ValueError(f"as a number of departments must be odd and at least 3 (the department and as many "
+                         f"neighbours on each side), got {count}")
+    return count
+
+
+def _majority(value: float) -> float:
+    """`secagg-reconstruction-threshold`, refused unless above half of a neighbourhood (fails closed)."""
+    if value <= 0.5:
+        raise ValueError(f"must be above 0.5, got {value:g}: the server decides which departments it reports as "
+                         f"dropped, so with a threshold of half a neighbourhood or less it can collect both halves "
+                         f"of a department's secrets (its self-mask and its key) from different neighbours and "
+                         f"unmask that department's update without any colluder")
     return value
 
 
@@ -64,10 +92,17 @@ class JobConfig(Settings):
     grad_sample_mode: str = option("hooks", help="Opacus per-sample gradient mode (hooks: fastest for LoRA here)",
                                    choices=GRAD_SAMPLE_MODES)
     secagg: bool = option(True, help="SecAgg+ secure aggregation on (needs min-departments >= 2)")
-    secagg_num_shares: float = option(1.0, help="fraction of sampled departments each key is shared with",
-                                      gt=0, le=1)
-    secagg_reconstruction_threshold: float = option(0.67, help="fraction of shares needed to reconstruct",
-                                                    gt=0, le=1)
+    secagg_num_shares: float = option(
+        SECAGG_NEIGHBOURHOOD, help="each department's SecAgg+ neighbourhood (the departments its mask keys are "
+        "secret-shared with, itself included): a whole number N > 1 is that many departments (every department "
+        "when a round samples N or fewer), a fraction <= 1 that fraction of the departments sampled",
+        gt=0, convert=_num_shares, note="a fraction in (0, 1], or an odd whole number, at least 3")
+    secagg_reconstruction_threshold: float = option(
+        0.67, help="fraction of a neighbourhood's shares needed to reconstruct a department's mask keys; above 0.5, "
+        "since the server chooses whom it reports as dropped: with a threshold of t shares among k neighbours it "
+        "can unmask one department with 2t - k colluding neighbours (t if it follows the protocol), and a "
+        "neighbourhood still unmasks with k - t of its departments dropped", le=1, convert=_majority,
+        note="above 0.5")
     secagg_max_weight: float = option(10000.0, help="largest number of examples one department may weigh in "
                                       "with", gt=0)
     secagg_clipping_range: float = option(1.0, help="|update * n / max_weight| must stay below this (checked on "

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.common.constant import ErrorCode
     from flwr.common.logger import console_handler
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS_RECORD
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
     from flwr.compat.server.typing import Workflow
     from flwr.server.client_proxy import ClientProxy
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -37,6 +40,12 @@ FLOWER_NAMES: dict[str, str] = {
     "WorkflowKey": "flwr.server.workflow.constant:Key",
     "default_fit_workflow": "flwr.server.workflow.default_workflows:default_fit_workflow",
     "default_evaluate_workflow": "flwr.server.workflow.default_workflows:default_evaluate_workflow",
+    # the SecAgg+ messages' config record and keys (server.secagg trims the unmask stage's shares)
+    "SECAGG_CONFIGS_RECORD": "flwr.common.secure_aggregation.secaggplus_constants:RECORD_KEY_CONFIGS",
+    "SecAggKey": "flwr.common.secure_aggregation.secaggplus_constants:Key",
+    # Flower's Shamir sharing (tests: the trimmed shares still reconstruct the secret)
+    "combine_shares": "flwr.common.secure_aggregation.crypto.shamir:combine_shares",
+    "create_shares": "flwr.common.secure_aggregation.crypto.shamir:create_shares",
     # the codes of a node's error reply (server.recording: a ClientApp that failed, or a node that is gone)
     "ErrorCode": "flwr.common.constant:ErrorCode",
     # the legacy strategy API's client handle (server.strategy)
@@ -53,9 +62,10 @@ FLOWER_NAMES: dict[str, str] = {
     # `flwr supernode register`'s key loader (tests: fedsilo's node keys load in Flower)
     "try_load_public_key": "flwr.cli.supernode.register:try_load_public_key",
 }
-__all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "ClientProxy", "ErrorCode", "SuperLinkLifespan", "Workflow",
-           "WorkflowKey", "console_handler", "create_app", "default_evaluate_workflow", "default_fit_workflow",
-           "get_federation_manager", "get_objectstore_linkstate_factories", "get_uvicorn_log_config",
-           "parse_superlink_lifespan_config", "try_load_public_key"]
+__all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "SECAGG_CONFIGS_RECORD", "ClientProxy", "ErrorCode", "SecAggKey",
+           "SuperLinkLifespan", "Workflow", "WorkflowKey", "combine_shares", "console_handler", "create_app",
+           "create_shares", "default_evaluate_workflow", "default_fit_workflow", "get_federation_manager",
+           "get_objectstore_linkstate_factories", "get_uvicorn_log_config", "parse_superlink_lifespan_config",
+           "try_load_public_key"]
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

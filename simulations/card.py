@@ -108,14 +108,19 @@ def _secagg(f: CardFacts) -> list[str]:
             "Flower's SecAgg+: the server only ever saw the sum of the departments' (DP-noised) updates. Each "
             "department's masks are secret-shared among its neighbours "
             f"(`secagg-num-shares` {f.secagg_num_shares:g}{_shares(f.secagg_num_shares)}); unmasking a department "
-            f"needs a fraction {f.secagg_threshold:g} of its shares (`secagg-reconstruction-threshold`), so fewer "
-            "colluding neighbours than that cannot unmask its update.", ""]
+            f"needs a fraction {f.secagg_threshold:g} of its neighbourhood's shares "
+            "(`secagg-reconstruction-threshold`, always a majority), so fewer colluding neighbours than that cannot "
+            "unmask its update with a server that follows the protocol; a server that also lies about who dropped "
+            "needs 2t - k colluders for a threshold of t shares among k neighbours (docs/threat-model.md).", ""]
 
 
 def _shares(num_shares: float) -> str:
     if num_shares == 1:
         return ": every department is every other's neighbour"
-    return ": that fraction of the departments" if num_shares < 1 else " neighbours each"
+    if num_shares < 1:
+        return ": that fraction of the departments"
+    return (f": every department is every other's neighbour in rounds of up to {num_shares:g} departments, "
+            f"{num_shares:g} neighbours each (itself included) in larger ones")
 
 
 def _usage(f: CardFacts) -> list[str]:

@@ -8,6 +8,9 @@ with SecAgg+, the other in the clear. Everything the server receives is recorded
   department's true update (|Pearson r| < 0.05 per department), whereas its unmasked quantised update would be
   perfectly correlated (the check has power);
 - everything leaving the departments (intercepted by an outermost client mod) passes the egress check.
+A second pair of runs, 5 small departments with neighbourhoods of 3 (`secagg-num-shares` 3), checks the aggregate
+when each department's keys are shared with only some of the others, and each department unmasked from exactly
+the threshold number of its shares.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flwr.app import Message
 from flwr.common import bytes_to_ndarray
 
 import server.app
+import server.secagg
 from client.compat import RECORD_KEY_CONFIGS, SecAggKey
 from common import keys
 from common.compat import quantize
@@ -31,6 +35,8 @@ from common.config import JobConfig
 from common.model import build_model
 from common.params import named_state
 from server.checkpoint import CHECKPOINT
+from server.compat import SECAGG_CONFIGS_RECORD as SERVER_SECAGG_RECORD
+from server.secagg import trim_shares
 from simulations.run import simulate
 from tests.conftest import TINY_JOB, make_department_frame
 from tests.integration.egress_checks import capture_mod, check_egress, load_captured
@@ -40,6 +46,9 @@ pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
 SIZES = {"cardiology": 60, "oncology": 48, "radiology": 40}
+# Five departments, each sharing its keys with 2 of the others (threshold 2 of 3 shares): as small as it can be.
+NEIGHBOURHOOD_SIZES = {"cardiology": 20, "oncology": 18, "radiology": 16, "neurology": 14, "urology": 12}
+NEIGHBOURHOOD = 3
 # LoRA rank 64 on the tiny model: ~16k exchanged values, so |r| of independent vectors is ~0.008 (sd).
 JOB = {**TINY_JOB, "lora-r": 64, "lora-alpha": 128}
 MAX_ABS_CORRELATION = 0.05
@@ -58,6 +67,8 @@ def _snapshot(reply: Message) -> dict[str, Any]:
         "num_examples": None if n is None else int(n["num_examples"]),
         "masked": (None if cfg is None or SecAggKey.MASKED_PARAMETERS not in cfg
                    else [bytes_to_ndarray(b) for b in cfg[SecAggKey.MASKED_PARAMETERS]]),
+        "share_destinations": (None if cfg is None or SecAggKey.DESTINATION_LIST not in cfg
+                               else len(cfg[SecAggKey.DESTINATION_LIST])),
     }
 
 
@@ -84,24 +95,35 @@ class RecordingGrid:
         return replies
 
 
-def _run(base: Path, data: Path, secagg: bool) -> dict[str, Any]:
+def _run(base: Path, data: Path, secagg: bool, **extra: Any) -> dict[str, Any]:
     out = base / ("secagg" if secagg else "plain")
     captured = base / f"captured-{out.name}"
     captured.mkdir()
     rc = {**JOB, "num-server-rounds": 1, "dp": False, "secagg": secagg, "sim-data": str(data), "seed": 7,
-          "sim-global-eval": False}
+          "sim-global-eval": False, **extra}
     grids: list[RecordingGrid] = []
+    unmasked_from: list[dict[int, int]] = []  # per unmask stage: department -> shares its secret was combined from
     original = server.app.run_workflow
 
     def recording_workflow(grid: Any, *args: Any) -> None:
         grids.append(RecordingGrid(grid))
         original(grids[-1], *args)
 
+    def counting_trim(replies: list[Message], threshold: int) -> None:
+        trim_shares(replies, threshold)
+        counts: dict[int, int] = {}
+        for reply in replies:
+            if not reply.has_error():
+                for owner in reply.content.config_records[SERVER_SECAGG_RECORD][SecAggKey.NODE_ID_LIST]:
+                    counts[int(owner)] = counts.get(int(owner), 0) + 1
+        unmasked_from.append(counts)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(server.app, "run_workflow", recording_workflow)
+        mp.setattr(server.secagg, "trim_shares", counting_trim)
         report = simulate(rc, out, client_mods=[capture_mod(captured)])
     return {"global": torch.load(out / CHECKPOINT)["trainable"], "report": report,
-            "replies": [r for g in grids for r in g.replies],
+            "replies": [r for g in grids for r in g.replies], "unmasked_from": unmasked_from,
             "captured": load_captured(captured)}
 
 
@@ -111,6 +133,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     data = base / "departments.csv"
     make_department_frame(SIZES).to_csv(data, index=False)
     return {"secagg": _run(base, data, secagg=True), "plain": _run(base, data, secagg=False)}
+
+
+@pytest.fixture(scope="module")
+def neighbourhood_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """5 departments, neighbourhoods of 3: SecAgg+ and in the clear."""
+    base = tmp_path_factory.mktemp("neighbourhood")
+    data = base / "departments.csv"
+    make_department_frame(NEIGHBOURHOOD_SIZES).to_csv(data, index=False)
+    return {"secagg": _run(base, data, secagg=True, **{"secagg-num-shares": NEIGHBOURHOOD}),
+            "plain": _run(base, data, secagg=False)}
 
 
 def _true_updates(plain: dict[str, Any]) -> dict[str, tuple[list[np.ndarray], int]]:
@@ -128,7 +160,8 @@ def _shapes(report: dict[str, Any]) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
 
 
-def test_secagg_aggregate_equals_fedavg_of_true_updates(runs: dict[str, dict[str, Any]]) -> None:
+def _check_aggregate(runs: dict[str, dict[str, Any]], sizes: dict[str, int]) -> None:
+    """The SecAgg+ run's global model is FedAvg of the true updates (as the clear run's server received them)."""
     masked, plain = runs["secagg"]["global"], runs["plain"]["global"]
     report = runs["secagg"]["report"]
     cfg = report["config"]
@@ -148,12 +181,33 @@ def test_secagg_aggregate_equals_fedavg_of_true_updates(runs: dict[str, dict[str
 
     # FedAvg of the true updates (as sent in the clear), applied to the initial model, is the SecAgg+ result.
     true = _true_updates(runs["plain"])
-    assert sorted(true) == sorted(SIZES)
+    assert sorted(true) == sorted(sizes)
     total = sum(n for _, n in true.values())
     fedavg = [sum(u[i].astype(np.float64) * n for u, n in true.values()) / total for i in range(len(initial))]
     for (name, start), avg in zip(initial.items(), fedavg, strict=True):
         expected = start.numpy().astype(np.float64) + avg
         assert np.abs(masked[name].numpy() - expected).max() <= bound + 1e-6, name
+
+
+def test_secagg_aggregate_equals_fedavg_of_true_updates(runs: dict[str, dict[str, Any]]) -> None:
+    _check_aggregate(runs, SIZES)
+    # The default neighbourhood (31) is every department of a small federation: each shares with the 2 others.
+    assert [r["share_destinations"] for r in runs["secagg"]["replies"]
+            if r["share_destinations"] is not None] == [len(SIZES) - 1] * len(SIZES)
+
+
+def test_secagg_aggregate_equals_fedavg_at_a_neighbourhood_smaller_than_the_federation(
+        neighbourhood_runs: dict[str, dict[str, Any]]) -> None:
+    secagg = neighbourhood_runs["secagg"]
+    assert secagg["report"]["config"]["secagg-num-shares"] == NEIGHBOURHOOD
+    # Each department shared its keys with 2 others only, not with all 4 ...
+    assert [r["share_destinations"] for r in secagg["replies"]
+            if r["share_destinations"] is not None] == [NEIGHBOURHOOD - 1] * len(NEIGHBOURHOOD_SIZES)
+    # ... each department's secret was combined from exactly the threshold (2 of its 3 shares) ...
+    assert len(secagg["unmasked_from"]) == 1
+    assert sorted(secagg["unmasked_from"][0].values()) == [2] * len(NEIGHBOURHOOD_SIZES)
+    # ... and the aggregate is still FedAvg of the true updates.
+    _check_aggregate(neighbourhood_runs, NEIGHBOURHOOD_SIZES)
 
 
 def test_server_view_is_independent_of_each_update(runs: dict[str, dict[str, Any]]) -> None:

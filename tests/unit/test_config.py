@@ -80,7 +80,12 @@ def test_job_values_are_parsed_and_coerced() -> None:
         ({"clip-norm": -0.5}, "clip-norm"),
         ({"secagg-num-shares": 0}, "secagg-num-shares"),
         ({"secagg-num-shares": 1.5}, "secagg-num-shares"),
+        ({"secagg-num-shares": 2}, "secagg-num-shares"),
+        ({"secagg-num-shares": 4}, "secagg-num-shares"),
+        ({"secagg-num-shares": 30.0}, "secagg-num-shares"),
         ({"secagg-reconstruction-threshold": 0}, "secagg-reconstruction-threshold"),
+        ({"secagg-reconstruction-threshold": 0.5}, "secagg-reconstruction-threshold"),
+        ({"secagg-reconstruction-threshold": 1.2}, "secagg-reconstruction-threshold"),
         ({"secagg-quantization-range": 2**32}, "secagg-quantization-range"),
         ({"secagg-max-weight": 0}, "secagg-max-weight"),
         ({"secagg": True, "min-departments": 1}, "min-departments"),
@@ -97,6 +102,28 @@ def test_job_values_are_parsed_and_coerced() -> None:
 def test_job_bad_value_names_key(rc: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         JobConfig.from_run_config(rc)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(31, 31), (3, 3), (3.0, 3), (1, 1.0), (1.0, 1.0), (0.4, 0.4)])
+def test_secagg_num_shares_is_a_count_above_one_and_a_fraction_otherwise(value: float, expected: float) -> None:
+    shares = JobConfig.from_run_config({"secagg-num-shares": value}).secagg_num_shares
+    assert shares == expected and type(shares) is type(expected)  # Flower reads an int as a count
+
+
+def test_the_default_neighbourhood_is_31_departments() -> None:
+    assert JobConfig().secagg_num_shares == 31 and isinstance(JobConfig().secagg_num_shares, int)
+
+
+def test_a_threshold_of_half_a_neighbourhood_or_less_is_refused_with_the_reason() -> None:
+    with pytest.raises(SettingError, match=r"'secagg-reconstruction-threshold' is invalid: must be above 0\.5, got "
+                                           r"0\.5: the server decides which departments it reports as dropped"):
+        JobConfig.from_run_config({"secagg-reconstruction-threshold": 0.5})
+    assert JobConfig.from_run_config({"secagg-reconstruction-threshold": 0.51}).secagg_reconstruction_threshold == 0.51
+
+
+def test_an_even_neighbourhood_is_refused() -> None:
+    with pytest.raises(SettingError, match=r"'secagg-num-shares' is invalid: .* must be odd and at least 3 .*, got 30"):
+        JobConfig.from_run_config({"secagg-num-shares": 30})
 
 
 def test_secagg_off_allows_single_department() -> None:

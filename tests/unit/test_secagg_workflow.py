@@ -8,8 +8,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from flwr.app import ConfigRecord, RecordDict
+from flwr.server.workflow import SecAggPlusWorkflow
 
-from server.secagg import POLL_SECONDS, StageTimeoutGrid, _forget_unmasked_dropouts
+from server.compat import SECAGG_CONFIGS_RECORD, SecAggKey, combine_shares, create_shares
+from server.secagg import (
+    POLL_SECONDS,
+    ReportingSecAggPlusWorkflow,
+    StageTimeoutGrid,
+    _forget_unmasked_dropouts,
+    neighbourhood,
+    trim_shares,
+)
 
 
 class FakeClock:
@@ -151,3 +161,92 @@ def test_the_grid_tells_which_nodes_answered_with_an_error() -> None:
     assert grid.error_replies == {2: 2}
     grid.send_and_receive([_to(1)], timeout=1.0)
     assert grid.error_replies == {}  # the last exchange's only
+
+
+# ---------------------------------------------------------------- neighbourhoods and the unmask stage's shares
+
+
+@pytest.mark.parametrize(("num_shares", "threshold", "sampled", "expected"), [
+    (31, 0.67, 3, (3, 2)),  # everyone is a neighbour up to 31 departments ...
+    (31, 0.67, 30, (30, 20)),
+    (31, 0.67, 31, (31, 21)),
+    (31, 0.67, 100, (31, 21)),  # ... then a fixed neighbourhood of 31
+    (31, 0.67, 300, (31, 21)),
+    (3, 0.67, 5, (3, 2)),
+    (1.0, 0.67, 100, (100, 67)),  # a fraction: Flower's own rounding
+    (0.5, 0.67, 10, (5, 3)),  # round(5) is odd
+    (0.4, 0.67, 10, (5, 3)),  # round(4) is even: one more
+    (0.1, 0.67, 10, (10, 7)),  # 1 share is too few: everyone
+    (1.0, 0.51, 4, (4, 3)),  # round(0.51 * 4) = 2 is half of 4: raised to a majority
+    (1.0, 0.51, 2, (2, 2)),
+    (1.0, 1.0, 7, (7, 7)),
+    (5, 0.6, 100, (5, 3)),
+])
+def test_each_round_has_a_neighbourhood_of_at_most_the_departments_sampled_and_a_majority_threshold(
+        num_shares: float, threshold: float, sampled: int, expected: tuple[int, int]) -> None:
+    k, t = neighbourhood(num_shares, threshold, sampled)
+    assert (k, t) == expected
+    assert k <= sampled and 2 * t > k and t <= k
+
+
+def test_a_round_of_one_department_has_no_neighbourhood() -> None:
+    with pytest.raises(ValueError, match="at least 2 departments"):
+        neighbourhood(31, 0.67, 1)
+
+
+def _shares_reply(owners: list[int], *, error: bool = False) -> Any:
+    record = ConfigRecord({SecAggKey.NODE_ID_LIST: owners, SecAggKey.SHARE_LIST: [bytes([o]) * 4 for o in owners]})
+    return SimpleNamespace(has_error=lambda: error, content=RecordDict({SECAGG_CONFIGS_RECORD: record}))
+
+
+def _owners(reply: Any) -> list[int]:
+    return list(reply.content.config_records[SECAGG_CONFIGS_RECORD][SecAggKey.NODE_ID_LIST])
+
+
+def test_unmasking_gets_exactly_the_threshold_number_of_each_departments_shares() -> None:
+    replies = [_shares_reply([1, 2, 3]), _shares_reply([1, 2, 3]), _shares_reply([1, 3]), _shares_reply([1, 2])]
+    trim_shares(replies, threshold=2)
+    assert [_owners(r) for r in replies] == [[1, 2, 3], [1, 2, 3], [], []]
+    for reply in replies:  # each share stays with its owner
+        record = reply.content.config_records[SECAGG_CONFIGS_RECORD]
+        assert list(record[SecAggKey.SHARE_LIST]) == [bytes([o]) * 4 for o in _owners(reply)]
+
+
+def test_a_department_with_too_few_shares_keeps_them_all_and_errors_are_left_alone() -> None:
+    failed = _shares_reply([1, 2], error=True)
+    replies = [_shares_reply([1, 2]), failed, _shares_reply([1]), _shares_reply([1])]
+    trim_shares(replies, threshold=3)
+    assert [_owners(r) for r in replies] == [[1, 2], [1, 2], [1], [1]]  # 2 has 1 share: Flower halts, as before
+    plain = SimpleNamespace(has_error=lambda: False, content=RecordDict({}))
+    trim_shares([plain], threshold=1)  # a reply without shares
+
+
+def test_trimmed_shares_reconstruct_the_secret() -> None:
+    secret = bytes(range(32))
+    shares = create_shares(secret, 3, 5)
+    reply = SimpleNamespace(has_error=lambda: False, content=RecordDict({SECAGG_CONFIGS_RECORD: ConfigRecord(
+        {SecAggKey.NODE_ID_LIST: [7] * 5, SecAggKey.SHARE_LIST: shares})}))
+    trim_shares([reply], threshold=3)
+    kept = list(reply.content.config_records[SECAGG_CONFIGS_RECORD][SecAggKey.SHARE_LIST])
+    assert len(kept) == 3 and combine_shares(kept) == secret
+
+
+def test_the_setup_stage_sizes_the_round_by_the_departments_the_strategy_sampled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[Any, Any]] = []
+
+    def flowers_setup(self: Any, grid: Any, context: Any, state: Any) -> bool:  # Flower's order: sample, then read
+        context.strategy.configure_fit(1, None, context.client_manager)
+        seen.append((self.num_shares, self.reconstruction_threshold))
+        return True
+
+    monkeypatch.setattr(SecAggPlusWorkflow, "setup_stage", flowers_setup)
+    workflow = ReportingSecAggPlusWorkflow(num_shares=31, reconstruction_threshold=0.67, on_halt=lambda *a: None,
+                                           on_dropout=lambda *a: None)
+    for sampled in (5, 1, 100):  # one department: Flower halts the round (no neighbourhood to size)
+        strategy = SimpleNamespace(configure_fit=lambda rnd, params, cm, n=sampled: [object()] * n, name="fedsilo")
+        context = SimpleNamespace(strategy=strategy, client_manager=None, state=None)
+        state = SimpleNamespace(active_node_ids=set(), sampled_node_ids=set(), nid_to_neighbours={})
+        assert workflow.setup_stage(object(), context, state) is True  # type: ignore[arg-type]
+        assert context.strategy is strategy  # the caller's context is not changed
+    assert seen == [(5, 3), (5, 3), (31, 21)]
