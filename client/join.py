@@ -13,11 +13,14 @@ Four join failures look alike in Flower 1.41's SuperNode (a TLS error retried, o
   interval. Flower's handler looks the key up first (unknown: `FLEET_NODE_ACTIVATION_FAILED`) and checks the
   interval second (`FLEET_INVALID_HEARTBEAT_INTERVAL`), before it changes anything, so the answer says "registered"
   or "not registered" and activates nothing. A registered key refused activation is a node the server still sees
-  online. Should a later Flower answer otherwise, the message lists both causes with the action for each.
+  online. Should a later Flower answer otherwise, the message lists both causes with the action for each. The
+  server's log shows this request as an `ApiError:2003` ("Heartbeat interval ... is out of bounds") for a registered
+  key, an `ApiError:2004` for an unknown one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -25,7 +28,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -177,6 +180,18 @@ def check_server(site: str, config: Path, address: str, ca: Path | None) -> None
              "" if ca is None else f" with a certificate {ca} verifies")
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """`logger` (httpx: a line per request) says only warnings while the probe runs."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def key_registered(address: str, ca: Path, node_key: Path) -> bool | None:
     """Whether the server knows `node_key`'s public key (None: its answer says neither). The request is an
     `ActivateNode` with a heartbeat interval below Flower's minimum: refused for an unknown key before the interval
@@ -200,13 +215,16 @@ def key_registered(address: str, ca: Path, node_key: Path) -> bool | None:
         return None
     request = ActivateNodeRequest(public_key=public_key_to_bytes(key.public_key()),
                                   heartbeat_interval=HEARTBEAT_MIN_INTERVAL / 2)
+    log.info("client: asking the server at %s whether node key %s is registered (an activation request with an "
+             "out-of-range heartbeat interval, which the server refuses and logs as such)", address, node_key)
     try:
-        with FleetHttpClient.from_server_address(address, False, str(ca), interceptors=[
+        with _quiet("httpx"), FleetHttpClient.from_server_address(address, False, str(ca), interceptors=[
                 NodeAuthHttpInterceptor(key, key.public_key())]) as client:
             response = client.ActivateNode(request)
-            # Only if a later Flower checked the interval first: the key is registered; undo the activation.
+            # Only if a later Flower accepted the interval: the key is registered but the node was offline just now,
+            # so the refusal's cause is not known; undo the activation and say both.
             client.DeactivateNode(DeactivateNodeRequest(node_id=response.node_id))
-            return True
+            return None
     except httpx.HTTPStatusError as exc:
         error = FlowerError.from_json(exc.response.text)
         code = None if error is None else error.code
@@ -276,8 +294,11 @@ def exit_status(returncode: int) -> int:
 
 def supervise(cmd: list[str], env: dict[str, str], watch: Callable[[str], None]) -> int:
     """Run `cmd` as a child: its stderr forwarded line by line (and shown to `watch`), SIGINT/SIGTERM/SIGHUP passed
-    on to it; returns its exit status."""
-    child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    on to it; returns its exit status. The child has its own process group, so a Ctrl-C reaches it once (through
+    fedsilo), not twice: Flower's SuperNode handles the first signal and restores Python's default handlers, so a
+    second one would interrupt its sign-off at the server."""
+    child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                             process_group=0)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:
