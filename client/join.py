@@ -5,7 +5,8 @@ Four join failures look alike in Flower 1.41's SuperNode (a TLS error retried, o
 - **wrong CA** and **plaintext**: a pre-flight TLS handshake with the site's CA, before the SuperNode starts, tells a
   server certificate the CA does not verify (the message names the CA file and the certificate's issuer), a
   certificate for another host name, a server that does not speak TLS, and a site set to `insecure = true` facing a
-  TLS server. A server not reachable yet is no failure: the SuperNode keeps trying, as it always has.
+  TLS server. A server not reachable yet is no failure: the SuperNode keeps trying, as it always has; should it give
+  up connecting later (Flower gives up at a TLS error), fedsilo probes again and explains what it finds.
 - **unregistered key** and **still online**: the SuperLink answers both with the same public error
   (`FLEET_NODE_ACTIVATION_FAILED`, "Failed to activate SuperNode."; the reason stays in the server's log). fedsilo
   runs the SuperNode as a child, forwards its output and signals, and when it fails to activate asks the server
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's public message for FLEET_NODE_ACTIVATION_FAILED
+CONNECTION_FAILED = "Failed to initialize the connection to the SuperLink"  # the SuperNode gave up connecting
 HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READER_JOIN_S = 5.0  # after the SuperNode exits: its last lines; a helper that kept the pipe open is not waited for
@@ -274,10 +276,13 @@ class LineWatch:
 
     def __init__(self) -> None:
         self.activation_failed = False
+        self.connection_failed = False
 
     def __call__(self, line: str) -> None:
         if ACTIVATION_FAILED in line:
             self.activation_failed = True
+        if CONNECTION_FAILED in line:
+            self.connection_failed = True
 
 
 def _forward_lines(stream: object, watch: Callable[[str], None]) -> None:
@@ -323,7 +328,15 @@ def start_supernode(site: str, config: Path, address: str, ca: Path | None, node
     print(f"fedsilo: starting {subprocess.list2cmdline(cmd)}", file=sys.stderr, flush=True)
     watch = LineWatch()
     status = supervise(cmd, env, watch)
-    if status != 0 and watch.activation_failed and ca is not None and node_key is not None:
+    if status == 0:
+        return status
+    if watch.activation_failed and ca is not None and node_key is not None:
         registered = key_registered(address, ca, node_key)
         raise JoinError(activation_failure_message(site, address, node_key, registered, heartbeat_window_s()))
+    if watch.connection_failed:  # e.g. the server was not up at the pre-flight, and came up with another CA
+        probe = probe_server(address, ca)
+        message = tls_failure_message(site, config, address, ca, probe,
+                                      ca_subject(ca) if ca is not None else None)
+        if message is not None:
+            raise JoinError(message)
     return status

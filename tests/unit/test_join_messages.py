@@ -63,6 +63,15 @@ def test_the_watched_line_is_flowers_public_activation_message() -> None:
     assert watch.activation_failed
 
 
+def test_the_watched_lines_are_flowers() -> None:
+    import flwr.supernode.fleet_http_connection as connection
+
+    assert join.CONNECTION_FAILED in Path(connection.__file__).read_text()
+    watch = join.LineWatch()
+    watch("Failed to initialize the connection to the SuperLink.\n")
+    assert watch.connection_failed and not watch.activation_failed
+
+
 def test_heartbeat_window_and_exit_status() -> None:
     assert join.heartbeat_window_s() == 60  # Flower 1.41: patience 2 x 30 s
     assert join.exit_status(1) == 1 and join.exit_status(0) == 0
