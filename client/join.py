@@ -72,9 +72,9 @@ def split_address(address: str) -> tuple[str, int]:
 
 def heartbeat_window_s() -> int:
     """How long the server keeps a node online after its last heartbeat (Flower's patience x default interval)."""
-    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+    from client import compat
 
-    return int(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+    return int(compat.HEARTBEAT_PATIENCE * compat.HEARTBEAT_DEFAULT_INTERVAL)
 
 
 def _no_verify() -> ssl.SSLContext:
@@ -201,12 +201,17 @@ def key_registered(address: str, ca: Path, node_key: Path) -> bool | None:
     import httpx
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-    from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
-    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
-    from flwr.supercore.error import ApiErrorCode, FlowerError
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    from client.compat import (
+        HEARTBEAT_MIN_INTERVAL,
+        ActivateNodeRequest,
+        ApiErrorCode,
+        DeactivateNodeRequest,
+        FleetHttpClient,
+        FlowerError,
+        NodeAuthHttpInterceptor,
+        public_key_to_bytes,
+    )
 
     try:
         key = load_ssh_private_key(node_key.read_bytes(), None)

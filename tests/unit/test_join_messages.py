@@ -5,6 +5,7 @@ The probes run here against in-process sockets (a thread, no child process); the
 
 from __future__ import annotations
 
+import inspect
 import socket
 import ssl
 import threading
@@ -12,10 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from flwr.supercore.error import ApiErrorCode
-from flwr.supercore.error.catalog import API_ERROR_MAP
 
 from client import join
+from client.compat import API_ERROR_MAP, ApiErrorCode, http_request_response
 from client.join import Outcome, Probe
 from common import certs
 
@@ -64,9 +64,7 @@ def test_the_watched_line_is_flowers_public_activation_message() -> None:
 
 
 def test_the_watched_lines_are_flowers() -> None:
-    import flwr.supernode.fleet_http_connection as connection
-
-    assert join.CONNECTION_FAILED in Path(connection.__file__).read_text()
+    assert join.CONNECTION_FAILED in inspect.getsource(http_request_response)
     watch = join.LineWatch()
     watch("Failed to initialize the connection to the SuperLink.\n")
     assert watch.connection_failed and not watch.activation_failed
