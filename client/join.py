@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 import socket
 import ssl
@@ -330,7 +331,7 @@ def start_supernode(site: str, config: Path, address: str, ca: Path | None, node
                     cmd: list[str], env: dict[str, str]) -> int:
     """Pre-flight, then the SuperNode as a child; JoinError when it cannot join, with the reason."""
     check_server(site, config, address, ca)
-    print(f"fedsilo: starting {subprocess.list2cmdline(cmd)}", file=sys.stderr, flush=True)
+    print(f"fedsilo: starting {shlex.join(cmd)}", file=sys.stderr, flush=True)
     watch = LineWatch()
     status = supervise(cmd, env, watch)
     if status == 0:
