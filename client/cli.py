@@ -6,14 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from common.cli import exec_tool
-
 
 def _cmd_client_start(args: argparse.Namespace) -> int:
+    """The site's SuperNode, as a child whose join failures fedsilo explains (`client.join`)."""
     from client.deploy import install_gate, supernode_command, supernode_env
+    from client.join import start_supernode
+    from client.site import SiteConfig
+    from common.runtime import tool_env
 
     cmd = supernode_command(args.site_config, port=args.port, max_retries=args.max_retries)
-    return exec_tool(cmd, supernode_env(), path_first=install_gate())
+    site = SiteConfig.from_toml(args.site_config)
+    ca = None if site.insecure else Path(site.ca)
+    node_key = Path(site.node_key) if site.node_key else None
+    env = tool_env(supernode_env(), first=install_gate())
+    return start_supernode(site.name, args.site_config, site.server, ca, node_key, cmd, env)
 
 
 def _require_agreement(checks: list, site: str) -> None:

@@ -1,5 +1,6 @@
 """Every private (undocumented) Flower name the client side uses: the SecAgg+ record keys the department and its
-egress audit read, the ClientApp typing, and the `flwr-clientapp` runtime that `client.gate` re-implements.
+egress audit read, the ClientApp typing, the `flwr-clientapp` runtime that `client.gate` re-implements, and the
+Fleet API pieces `client.join` uses to ask the server whether a node key is registered.
 
 Resolved on first use (see `common.compat`); checked name by name by `tests/unit/test_flower_compat.py`.
 """
@@ -13,14 +14,24 @@ from common.compat import lazy_names
 if TYPE_CHECKING:
     from flwr.clientapp.typing import ClientAppCallable, Mod
     from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
-    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.constant import (
+        HEARTBEAT_DEFAULT_INTERVAL,
+        HEARTBEAT_MIN_INTERVAL,
+        HEARTBEAT_PATIENCE,
+        ErrorCode,
+        SubStatus,
+    )
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
     from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
     from flwr.common.secure_aggregation.secaggplus_constants import Stage as SecAggStage
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.supercore.error.catalog import API_ERROR_MAP
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as get_task_poll_interval
@@ -28,6 +39,9 @@ if TYPE_CHECKING:
     from flwr.supernode.cli.flower_supernode import (
         _try_setup_client_authentication as try_setup_client_authentication,
     )
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.fleet_http_connection import http_request_response
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 _SECAGGPLUS = "flwr.common.secure_aggregation.secaggplus_constants"
@@ -62,12 +76,29 @@ FLOWER_NAMES: dict[str, str] = {
     "get_task_poll_interval": "flwr.supercore.superexec.run_superexec:_get_task_poll_interval",
     # the SuperNode's loader of its authentication key (tests: fedsilo's node keys load in Flower)
     "try_setup_client_authentication": "flwr.supernode.cli.flower_supernode:_try_setup_client_authentication",
+    # why a site cannot join (client.join): a signed activation request with an out-of-range heartbeat interval,
+    # the server's error codes, and the heartbeat window; the SuperNode's connection (tests: the line it logs)
+    "HEARTBEAT_DEFAULT_INTERVAL": "flwr.common.constant:HEARTBEAT_DEFAULT_INTERVAL",
+    "HEARTBEAT_MIN_INTERVAL": "flwr.common.constant:HEARTBEAT_MIN_INTERVAL",
+    "HEARTBEAT_PATIENCE": "flwr.common.constant:HEARTBEAT_PATIENCE",
+    "ActivateNodeRequest": "flwr.proto.fleet_pb2:ActivateNodeRequest",
+    "DeactivateNodeRequest": "flwr.proto.fleet_pb2:DeactivateNodeRequest",
+    "ApiErrorCode": "flwr.supercore.error:ApiErrorCode",
+    "FlowerError": "flwr.supercore.error:FlowerError",
+    "API_ERROR_MAP": "flwr.supercore.error.catalog:API_ERROR_MAP",
+    "public_key_to_bytes": "flwr.supercore.primitives.asymmetric:public_key_to_bytes",
+    "FleetHttpClient": "flwr.supernode.fleet_http_client:FleetHttpClient",
+    "NodeAuthHttpInterceptor": "flwr.supernode.node_auth_http_interceptor:NodeAuthHttpInterceptor",
+    "http_request_response": "flwr.supernode.fleet_http_connection:http_request_response",
 }
-__all__ = ["FLOWER_NAMES", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ClientAppCallable", "ErrorCode",
-           "HeartbeatSender", "Mod", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor",
+__all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MIN_INTERVAL",
+           "HEARTBEAT_PATIENCE", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ActivateNodeRequest", "ApiErrorCode",
+           "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient", "FlowerError",
+           "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor",
            "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus", "add_args_flwr_app_common",
-           "get_task_poll_interval", "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http",
-           "pull_task_input", "push_message", "push_task_output", "start_parent_process_monitor",
-           "try_obtain_flwr_app_token", "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
+           "get_task_poll_interval", "http_request_response", "make_simple_http_retry_invoker",
+           "make_task_heartbeat_fn_http", "public_key_to_bytes", "pull_task_input", "push_message",
+           "push_task_output", "start_parent_process_monitor", "try_obtain_flwr_app_token",
+           "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -70,3 +70,9 @@ class JobInterruptedError(FedsiloError):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+class JoinError(FedsiloError):
+    """`fedsilo client start` cannot join the coordination server: wrong CA, a server that does not speak TLS (or a
+    site set to plaintext facing a TLS server), a node key the server has not registered, or a node the server still
+    sees online. The message names the site, what happened and what to do."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from client import cli, deploy
+from client import cli, deploy, join
 from client.compat import get_task_poll_interval
 from client.deploy import SUPEREXEC_POLL_ENV, supernode_env
+from client.site import SiteConfig
 
 
 def test_the_executor_poll_interval_is_set_low_unless_the_operator_chose_one() -> None:
@@ -31,14 +34,19 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
     monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
     ran: dict[str, Any] = {}
 
-    def exec_tool(cmd: list[str], env: dict[str, str] | None = None, *, path_first: Path | None = None) -> int:
-        ran.update(cmd=cmd, env=env, path_first=path_first)
+    def start_supernode(site: str, config: Path, address: str, ca: Path | None, node_key: Path | None,
+                        cmd: list[str], env: dict[str, str]) -> int:
+        ran.update(site=site, address=address, ca=ca, node_key=node_key, cmd=cmd, env=env)
         return 0
 
+    site = SimpleNamespace(name="cardiology", insecure=False, ca="ca.crt", node_key="cardiology", server="h:1")
     monkeypatch.setattr(deploy, "supernode_command", lambda *_a, **_k: ["flower-supernode"])
     monkeypatch.setattr(deploy, "install_gate", lambda: tmp_path)
-    monkeypatch.setattr(cli, "exec_tool", exec_tool)
+    monkeypatch.setattr(join, "start_supernode", start_supernode)
+    monkeypatch.setattr(SiteConfig, "from_toml", staticmethod(lambda _path: site))
     args = argparse.Namespace(site_config=tmp_path / "site.toml", port=9094, max_retries=None)
     assert cli._cmd_client_start(args) == 0
-    assert ran["cmd"] == ["flower-supernode"] and ran["path_first"] == tmp_path
+    assert ran["cmd"] == ["flower-supernode"] and ran["env"]["PATH"].split(os.pathsep)[0] == str(tmp_path)
     assert ran["env"][SUPEREXEC_POLL_ENV] == "0.1"
+    assert (ran["site"], ran["address"], ran["ca"], ran["node_key"]) == ("cardiology", "h:1", Path("ca.crt"),
+                                                                         Path("cardiology"))
