@@ -37,6 +37,7 @@ TINY_RANDOM = "tiny-random"
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 512}
 LORA_TARGETS = ["query", "value"]
+POOLING_CONFIG = Path("1_Pooling") / "config.json"  # in a model directory: its pooling, sentence-transformers' way
 
 
 def _minilm_path() -> Path:
@@ -106,13 +107,15 @@ class MaskedMeanPooler(torch.nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
-def _uses_mean_pooling(model_dir: Path) -> bool:
-    config = model_dir / "1_Pooling" / "config.json"
+def uses_mean_pooling(model_dir: Path) -> bool:
+    """Whether the model directory declares masked mean pooling (`POOLING_CONFIG`, the sentence-transformers
+    convention): a base checkpoint, or a fedsilo export of a model trained with it."""
+    config = model_dir / POOLING_CONFIG
     if not config.is_file():
         return False
     try:
         return bool(json.loads(config.read_text()).get("pooling_mode_mean_tokens", False))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"Unreadable pooling config {config}: {exc}") from exc
 
 
@@ -136,7 +139,7 @@ def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
     quiet_third_party_warnings()  # every side builds its model here, in whatever process runs it
     tokenizer = load_tokenizer(cfg.model)
     model: torch.nn.Module = _base_model(cfg.model, num_labels, cfg.seed, len(tokenizer))
-    if cfg.model != TINY_RANDOM and _uses_mean_pooling(resolve_model_dir(cfg.model)):
+    if cfg.model != TINY_RANDOM and uses_mean_pooling(resolve_model_dir(cfg.model)):
         _install_mean_pooling(model)
     if cfg.finetune == "lora":
         torch.manual_seed(cfg.seed + 1)

