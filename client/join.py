@@ -36,7 +36,8 @@ from enum import Enum
 from pathlib import Path
 from types import FrameType
 
-from common.errors import ConfigError, JoinError
+from client.policy import split_address
+from common.errors import JoinError
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ class Probe:
     outcome: Outcome
     detail: str = ""
     issuer: str | None = None  # issuer of the certificate the server presented (WRONG_CA, HOSTNAME)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"Server address {address!r} must be host:port.")
-    return host.strip("[]"), int(port)
 
 
 def heartbeat_window_s() -> int:
@@ -139,7 +133,7 @@ def ca_subject(ca: Path) -> str | None:
 def tls_failure_message(site: str, config: Path, address: str, ca: Path | None, probe: Probe,
                         subject: str | None = None) -> str | None:
     """What the site is told about a pre-flight probe; None when the SuperNode may start."""
-    host = address.rpartition(":")[0].strip("[]")
+    host, _ = split_address(address)
     if ca is None:  # insecure site
         if probe.outcome is Outcome.TLS:
             return (f"Site {site}: {config} sets insecure = true (plaintext), but the server at {address} speaks TLS "

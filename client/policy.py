@@ -90,15 +90,20 @@ class SitePolicy(Settings):
                               f"not the pinned {self.server_fingerprint} (policy server_fingerprint).")
 
 
-def server_certificate_fingerprint(address: str, ca: Path) -> str:
-    """SHA-256 (hex) of the DER certificate the TLS server at host:port presents, verified against `ca`."""
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a `host:port` server address (an IPv6 host may be bracketed); ConfigError otherwise."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"Server address {address!r} must be host:port.")
-    host = host.strip("[]")
+    return host.strip("[]"), int(port)
+
+
+def server_certificate_fingerprint(address: str, ca: Path) -> str:
+    """SHA-256 (hex) of the DER certificate the TLS server at host:port presents, verified against `ca`."""
+    host, port = split_address(address)
     context = ssl.create_default_context(cafile=str(ca))
     try:
-        with socket.create_connection((host, int(port)), timeout=SERVER_CHECK_TIMEOUT_S) as raw, \
+        with socket.create_connection((host, port), timeout=SERVER_CHECK_TIMEOUT_S) as raw, \
                 context.wrap_socket(raw, server_hostname=host) as tls:
             der = tls.getpeercert(binary_form=True)
     except OSError as exc:  # ssl.SSLError included
