@@ -3,15 +3,18 @@
 Order of operations for a training round, all on site:
 1. resolve the site's own config and check the job against it (labels, DP, data usable, model fingerprint);
 2. check the site's ledger against its egress log (it must not show less spent than was recorded on the way out),
-   plan the round's DP charge from the ledger, the site's budget and its per-job cap, decline if it does not fit;
+   plan the rest of the job (`client.plan`: the probe and fine-tuning phases' DP charges) from the ledger, the
+   site's budget and its per-job cap, decline if it does not fit;
 3. charge the ledger (atomically) *before* training, so a crash can only over-count;
-4. train with DP-SGD, check Opacus recorded exactly the charged steps;
+4. train with DP-SGD (the probe round: the head alone, on its cached inputs; then every trainable weight), check
+   Opacus recorded exactly the charged steps;
 5. check the update (arrays, finiteness, norm bound) before SecAgg+ masks it;
-6. return the update (trainable weights minus global weights) and aggregate metrics only.
+6. return the update (trainable weights minus global weights), aggregate metrics and the plan only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import zlib
@@ -19,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.egress_log import check_against_egress, egress_log_path, read_egress_log_locked
-from client.ledger import Ledger, LedgerFile
+from client.ledger import Ledger, LedgerEntry, LedgerFile
+from client.plan import PROBE, Plan, phase_of, plan_job
 from client.site import SiteConfig
-from client.train import train_round
+from client.train import head_inputs, train_head, train_round
 from common import keys
 from common.config import JOB_ID_CHARS, JOB_ID_MAX, JobConfig
 from common.data import Split
@@ -35,10 +40,10 @@ from common.errors import (
     PrivacyError,
     SecureAggregationError,
 )
-from common.model import BuiltModel, base_fingerprint, build_model, device, trainable_names
+from common.model import BuiltModel, base_fingerprint, build_model, count_weights, device, head_module, trainable_names
 from common.params import get_trainable, max_abs, set_trainable, subtract
 from common.preflight import check_department_data
-from common.privacy import Charge, epsilon_spent, noise_for_budget, sample_rate, steps_per_round
+from common.privacy import Charge, epsilon_spent
 from common.text import Encoded, encode, evaluate
 from common.updates import check_update
 
@@ -113,9 +118,9 @@ class Department:
                 f"{self.job.secagg_max_weight:g}: its weight would overflow SecAgg+. Raise secagg-max-weight."
             )
         check_department_data(self.site.name, self.split.train_labels, self.job.label_names,
-                              batch_size=self.job.batch_size, delta=self.site.delta if self.job.dp else None)
-        q = sample_rate(self.job.batch_size, n)
-        steps = steps_per_round(self.job.local_epochs, q)
+                              delta=self.site.delta if self.job.dp else None)
+        built = self._model(global_arrays, fingerprint)  # before planning: the plan counts its noised weights
+        phase = phase_of(self.job, server_round)
         with self.ledger_file.open() as ledger:
             self._check_egress(ledger)
             try:
@@ -123,26 +128,34 @@ class Department:
                 self.site.policy.check_job(self.site.name, self.job)
             except PolicyError as exc:
                 return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_POLICY, exc)
-            sigma: float | None = None
-            if self.job.dp:
-                try:
-                    sigma = self._plan_noise(ledger, q, steps * max(1, num_rounds - server_round + 1), this_job)
-                    self._check_job_cap(ledger, this_job, (sigma, q, steps))
+            try:
+                plan = self.plan(ledger, built.model, server_round, num_rounds, this_job)
+                current = plan.phase(phase)
+                if self.job.dp:
+                    self._check_job_cap(ledger, this_job, current.charge)
                     self.ledger_file.charge(ledger, run_id=self.run_id, server_round=server_round,
-                                            charge=(sigma, q, steps), job_id=this_job)
-                except BudgetExhaustedError as exc:
-                    return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_BUDGET, exc)
+                                            charge=current.charge, job_id=this_job)
+            except BudgetExhaustedError as exc:
+                return self._decline(ledger, global_arrays, server_round, keys.STATUS_DECLINED_BUDGET, exc)
             metrics = self._base_metrics(ledger, keys.STATUS_TRAINED)
-        built = self._model(global_arrays, fingerprint)
+        for warning in plan.warnings:
+            log.warning("fit: %s", warning)
+        sigma = current.noise_multiplier if self.job.dp else None
         data = self._encode(built, self.split.train_texts, self.split.train_labels)
         # Reproducible only without DP; DP sampling and noise must be unpredictable (seeded from the OS).
         seed = None if self.job.dp else zlib.crc32(f"{self.job.seed}/{server_round}/{self.site.name}".encode())
-        result = train_round(built.model, data, self.job, steps=steps, noise_multiplier=sigma, dev=device(),
-                             seed=seed)
-        if sigma is not None and result.accountant_history != [(sigma, q, steps)]:
+        if phase == PROBE:
+            head = head_module(built.model)
+            result = train_head(head, head_inputs(built.model, head, data, device()), data.labels, self.job,
+                                batch_size=current.batch_size, steps=current.steps_per_round,
+                                noise_multiplier=sigma, dev=device(), seed=seed)
+        else:
+            result = train_round(built.model, data, self.job, batch_size=current.batch_size,
+                                 steps=current.steps_per_round, noise_multiplier=sigma, dev=device(), seed=seed)
+        if sigma is not None and result.accountant_history != [current.charge]:
             raise PrivacyError(
                 f"Site {self.site.name}: Opacus recorded {result.accountant_history}, but the ledger was charged "
-                f"{[(sigma, q, steps)]}. Refusing to release the update."
+                f"{[current.charge]}. Refusing to release the update."
             )
         update = subtract(get_trainable(built.model), global_arrays)
         why = check_update(update, global_arrays, max_norm=self.job.max_update_norm,
@@ -152,8 +165,28 @@ class Department:
                                      f"{why}.")
         self._check_secagg_range(update, n)
         metrics.update({keys.M_NOISE: sigma if sigma is not None else 0.0, keys.M_STEPS: result.steps,
-                        keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds})
+                        keys.M_TRAIN_LOSS: result.mean_loss, keys.M_TRAIN_SECONDS: result.seconds,
+                        keys.M_PHASE: phase, keys.M_PLAN: json.dumps(plan.to_json())})
         return FitOutcome(update, n, metrics)
+
+    def plan(self, ledger: Ledger, model: torch.nn.Module, server_round: int, num_rounds: int,
+             job_id: str) -> Plan:
+        """This department's plan for rounds `server_round`..`num_rounds` of the job, from its ledger and policy
+        (`client.plan.plan_job`); `BudgetExhaustedError` when the rounds cannot fit its budget or per-job cap."""
+        job_entries = self.this_jobs_entries(ledger, job_id)
+        counted = {id(e) for e in job_entries}
+        return plan_job(site=self.site.name, n=len(self.split.train_texts), job=self.job, server_round=server_round,
+                        num_rounds=num_rounds, before=[e.charge for e in ledger.entries if id(e) not in counted],
+                        job_history=[e.charge for e in job_entries], epsilon_budget=ledger.epsilon_budget,
+                        delta=ledger.delta, accountant=ledger.accountant,
+                        job_cap=self.site.policy.max_epsilon_per_job,
+                        head_weights=count_weights(head_module(model)) if phase_of(self.job, server_round) == PROBE
+                        else 0, trainable_weights=count_weights(model))
+
+    def preview_plan(self, model: torch.nn.Module, job_id: str | None = None) -> Plan:
+        """The plan this department would make at the job's first round, from its ledger as it is now (nothing
+        charged): what `fedsilo simulate` prints before training. `model`: as `build_model` makes it."""
+        return self.plan(self.ledger_file.read(), model, 1, self.job.num_server_rounds, self.job_id(job_id))
 
     def _check_egress(self, ledger: Ledger) -> None:
         """Before anything is charged: the ledger must show at least what the site's egress log recorded it had
@@ -168,29 +201,17 @@ class Department:
         cap = self.site.policy.max_epsilon_per_job
         if cap is None:
             return
-        after = epsilon_spent([*self.this_jobs_charges(ledger, job_id), charge], ledger.delta, ledger.accountant)
+        charges = [e.charge for e in self.this_jobs_entries(ledger, job_id)]
+        after = epsilon_spent([*charges, charge], ledger.delta, ledger.accountant)
         if not math.isfinite(after) or after > cap:
             raise BudgetExhaustedError(f"Site {self.site.name}: this round would bring job {job_id}'s epsilon to "
                                        f"{after:.4g}, over the site's per-job cap {cap:g} (max_epsilon_per_job).")
 
-    def this_jobs_charges(self, ledger: Ledger, job_id: str) -> list[Charge]:
-        """The charges the per-job cap counts: every charge of this job, in any of its runs (a job resumed after a
-        crash runs again under a new run id, with the same job id), and, to be strict, every charge made in this
-        run (should a server send different job ids within one run)."""
-        return [e.charge for e in ledger.entries if e.job_id == job_id or e.run_id == self.run_id]
-
-    def _plan_noise(self, ledger: Ledger, q: float, steps: int, job_id: str | None = None) -> float:
-        """Noise for `steps` more steps that keeps the site within its total budget and, when its policy caps
-        one job's spending, this job's own charges (`this_jobs_charges`) within that cap (the larger noise
-        satisfies both)."""
-        sigma = noise_for_budget(history=ledger.history, epsilon_budget=ledger.epsilon_budget, delta=ledger.delta,
-                                 q=q, steps=steps, accountant=ledger.accountant)
-        cap = self.site.policy.max_epsilon_per_job
-        if cap is not None:
-            this_job = self.this_jobs_charges(ledger, job_id or self.run_id)
-            sigma = max(sigma, noise_for_budget(history=this_job, epsilon_budget=cap, delta=ledger.delta, q=q,
-                                                steps=steps, accountant=ledger.accountant))
-        return sigma
+    def this_jobs_entries(self, ledger: Ledger, job_id: str) -> list[LedgerEntry]:
+        """The ledger entries the per-job cap counts: every charge of this job, in any of its runs (a job resumed
+        after a crash runs again under a new run id, with the same job id), and, to be strict, every charge made
+        in this run (should a server send different job ids within one run)."""
+        return [e for e in ledger.entries if e.job_id == job_id or e.run_id == self.run_id]
 
     def _decline(self, ledger: Ledger, global_arrays: list[np.ndarray], server_round: int, status: str,
                  why: Exception) -> FitOutcome:

@@ -16,7 +16,17 @@ import pandas as pd
 from client.policy import SitePolicy
 from common import keys
 from common.config import ACCOUNTANTS, JobConfig, SimulationConfig
-from common.data import DEPARTMENT, HUTTO_DEPARTMENTS, LABEL, TEXT, Split, departments_of, load_source, split_department
+from common.data import (
+    BUILTIN_SOURCES,
+    DEPARTMENT,
+    HUTTO_DEPARTMENTS,
+    LABEL,
+    TEXT,
+    Split,
+    departments_of,
+    load_source,
+    split_department,
+)
 from common.errors import ConfigError, DataError
 from common.preflight import check_department_data
 from common.settings import Settings, format_keys, load, option
@@ -30,8 +40,8 @@ class SiteConfig(Settings):
     label: ClassVar[str] = "Site config key"
 
     name: str = option(help="department name, as reported to the server", nonempty=True)
-    data: str = option(help='"hutto" or the path of the site\'s data file (CSV/TSV/JSONL/Parquet; relative to the '
-                       "site config)")
+    data: str = option(help='"hutto", "hutto-small" or the path of the site\'s data file (CSV/TSV/JSONL/Parquet; '
+                       "relative to the site config)")
     epsilon: float = option(help="the site's total privacy budget epsilon ...", gt=0)
     delta: float = option(help="... at this delta", gt=0, lt=1)
     ledger: str = option(help="path of the site's privacy ledger (relative to the site config)", nonempty=True)
@@ -64,7 +74,7 @@ class SiteConfig(Settings):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Site config {path} is not valid TOML: {exc}") from exc
         base = path.parent
-        if isinstance(doc.get("data"), str) and doc["data"] != "hutto":  # paths are relative to the site config
+        if isinstance(doc.get("data"), str) and doc["data"] not in BUILTIN_SOURCES:  # relative to the site config
             doc["data"] = str((base / doc["data"]).resolve())
         for key in ("ledger", "ca", "node_key"):
             if isinstance(doc.get(key), str) and doc[key]:
@@ -73,7 +83,8 @@ class SiteConfig(Settings):
 
     def _frame(self) -> tuple[pd.DataFrame, str]:
         frame = load_source(self.data, self.text_column, self.label_column, self.department_column or None)
-        department = self.name if (self.department_column or self.data == "hutto") else frame[DEPARTMENT].iloc[0]
+        named = self.department_column or self.data in BUILTIN_SOURCES
+        department = self.name if named else frame[DEPARTMENT].iloc[0]
         if department not in set(frame[DEPARTMENT]):
             raise DataError(f"Site {self.name!r}: no rows for department {department!r} in {self.data}.")
         return frame, department
@@ -106,7 +117,7 @@ def preflight_sites(sites: list[SiteConfig], job: JobConfig) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for site in sites:
         split = site.load_split(job.label_names)
-        check_department_data(site.name, split.train_labels, job.label_names, batch_size=job.batch_size,
+        check_department_data(site.name, split.train_labels, job.label_names,
                               delta=site.delta if job.dp else None)
         sizes[site.name] = len(split.train_labels)
     return sizes

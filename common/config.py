@@ -83,7 +83,23 @@ class JobConfig(Settings):
     batch_size: int = option(64, help="expected (Poisson) batch size of DP-SGD", gt=0)
     learning_rate: float = option(5e-3, help="local learning rate", gt=0)
     optimizer: str = option("adam", help='local optimizer: "adam", or "sgd" (momentum 0.9)', choices=OPTIMIZERS)
-    local_epochs: float = option(0.25, help="fraction of a department's training data visited per round", gt=0)
+    local_epochs: float = option(0.25, help="fraction of a department's training data visited per round (within "
+                                 "min-local-steps and max-local-steps)", gt=0)
+    min_local_steps: int = option(10, help="fewest DP-SGD steps a department takes per fine-tuning round: a small "
+                                  "department visits its data more than local-epochs, since extra DP steps cost "
+                                  "little epsilon", ge=1)
+    max_local_steps: int = option(100, help="most DP-SGD steps a department takes per fine-tuning round: a large "
+                                  "department visits less than local-epochs (0: no bound)", ge=0)
+    probe_rounds: int = option(1, help="rounds, at the start of a job, in which each department trains only the "
+                               "classifier head, with DP, on the frozen model's cached head inputs (a linear probe; "
+                               "fine-tuning then starts from its head); 0: none", ge=0)
+    probe_epochs: float = option(20.0, help="epochs of a department's training data the probe visits per probe "
+                                 "round", gt=0)
+    probe_batch_size: int = option(256, help="expected (Poisson) batch size of the probe (at most a quarter of a "
+                                   "department's training rows)", gt=0)
+    probe_learning_rate: float = option(0.01, help="the probe's learning rate (Adam)", gt=0)
+    probe_epsilon_share: float = option(0.25, help="share of what a site may still spend on the job that the probe "
+                                        "phase is planned to use (fine-tuning gets the rest)", gt=0, lt=1)
     clip_norm: float = option(1.0, help="per-example gradient clipping norm (DP-SGD)", gt=0)
     max_update_norm: float = option(1000.0, help="L2 bound on one department's update: checked on site before "
                                     "masking, and by the server (each update without SecAgg+, the aggregate with "
@@ -105,8 +121,8 @@ class JobConfig(Settings):
         note="above 0.5")
     secagg_max_weight: float = option(10000.0, help="largest number of examples one department may weigh in "
                                       "with", gt=0)
-    secagg_clipping_range: float = option(1.0, help="|update * n / max_weight| must stay below this (checked on "
-                                          "site)", gt=0)
+    secagg_clipping_range: float = option(4.0, help="|update * n / max_weight| must stay below this (checked on "
+                                          "site); a probe round's head update reaches about 1", gt=0)
     secagg_quantization_range: int = option(2**22, help="quantization levels (below the SecAgg+ modulus 2**32)",
                                             gt=0, lt=SECAGG_MODULUS)
     labels: str = option("", help="comma-separated class names, in label-index order (\"\": the simulation "
@@ -146,6 +162,9 @@ class JobConfig(Settings):
         if self.secagg and self.min_departments < 2:
             raise self.invalid("min_departments", "must be at least 2 with SecAgg+ (it needs at least 2 "
                                f"departments per round), got {self.min_departments}")
+        if self.max_local_steps and self.max_local_steps < self.min_local_steps:
+            raise self.invalid("max_local_steps", f"must be 0 or at least min-local-steps "
+                               f"({self.min_local_steps}), got {self.max_local_steps}")
         names = self.label_names
         if self.labels and len(names) < 2:
             raise self.invalid("labels", f"must name at least 2 classes, got {self.labels!r}")
@@ -160,8 +179,9 @@ class SimulationConfig(Settings):
     label: ClassVar[str] = "Config key"
     dashes: ClassVar[bool] = True
 
-    sim_data: str = option("hutto", help='"hutto" (the four Hutto ICWSM-2014 corpora) or a CSV/TSV/JSONL/Parquet '
-                           "file split into departments")
+    sim_data: str = option("hutto", help='"hutto" (the four Hutto ICWSM-2014 corpora), "hutto-small" (6 '
+                           "departments of 400 Hutto rows, 3 classes: the small-department scenario) or a "
+                           "CSV/TSV/JSONL/Parquet file split into departments")
     sim_text_column: str = option("text", help="text column of sim-data")
     sim_label_column: str = option("label", help="label column of sim-data")
     sim_department_column: str = option("department", help="department column of sim-data")

@@ -39,8 +39,13 @@ HUTTO_DEPARTMENTS = {
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
     "tweets": "tweets_GroundTruth.txt",
 }
-HUTTO_NEUTRAL_BAND = 0.5  # |mean rating| below this is neutral and dropped
-NEGATIVE, POSITIVE = "negative", "positive"
+HUTTO_NEUTRAL_BAND = 0.5  # |mean rating| below this is neutral (dropped from "hutto"; a class of "hutto-small")
+NEGATIVE, NEUTRAL, POSITIVE = "negative", "neutral", "positive"
+# The small-department scenario ("hutto-small"): 6 departments of 400 rows (320 to train on), 3 classes.
+SMALL_DEPARTMENTS = {"amazon": ("amazon",), "movies": ("movies-a", "movies-b"), "nyt": ("nyt-a", "nyt-b"),
+                     "tweets": ("tweets",)}
+SMALL_ROWS = 400
+BUILTIN_SOURCES = ("hutto", "hutto-small")
 
 TEXT, LABEL, DEPARTMENT = "text", "label", "department"
 MAX_TEXT_CHARS = 100_000  # longer cells are almost certainly not a text snippet (e.g. a whole file pasted)
@@ -104,20 +109,35 @@ def fetch_hutto(cache: Path | None = None) -> Path:
     return root
 
 
-def load_hutto(cache: Path | None = None) -> pd.DataFrame:
-    """The four Hutto corpora as one frame; label = sign of the mean rating, |rating| < 0.5 dropped."""
+def load_hutto(cache: Path | None = None, *, neutral: bool = False) -> pd.DataFrame:
+    """The four Hutto corpora as one frame; label = sign of the mean rating, |rating| < 0.5 dropped (or, with
+    `neutral`, labelled neutral)."""
     root = fetch_hutto(cache)
     frames = []
     for department, name in HUTTO_DEPARTMENTS.items():
         raw = pd.read_csv(root / name, sep="\t", header=None, names=["id", "rating", TEXT], quoting=3,
                           dtype={"id": str, TEXT: str}, encoding="utf-8", keep_default_na=False)
-        raw = raw[raw["rating"].abs() >= HUTTO_NEUTRAL_BAND]
-        frames.append(pd.DataFrame({
-            TEXT: raw[TEXT].str.strip(),
-            LABEL: np.where(raw["rating"] > 0, POSITIVE, NEGATIVE),
-            DEPARTMENT: department,
-        }))
+        if not neutral:
+            raw = raw[raw["rating"].abs() >= HUTTO_NEUTRAL_BAND]
+        label = np.where(raw["rating"] > 0, POSITIVE, NEGATIVE)
+        label = np.where(raw["rating"].abs() < HUTTO_NEUTRAL_BAND, NEUTRAL, label)
+        frames.append(pd.DataFrame({TEXT: raw[TEXT].str.strip(), LABEL: label, DEPARTMENT: department}))
     return pd.concat(frames, ignore_index=True)
+
+
+def load_hutto_small(cache: Path | None = None, rows: int = SMALL_ROWS, seed: int = 0) -> pd.DataFrame:
+    """The small-department scenario: `SMALL_DEPARTMENTS` of `rows` rows each, drawn (seeded, disjoint) from the
+    Hutto corpora, with three classes (negative, neutral, positive by the mean rating)."""
+    frame = load_hutto(cache, neutral=True)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for corpus, names in SMALL_DEPARTMENTS.items():
+        rows_of = frame[frame[DEPARTMENT] == corpus]
+        order = rng.permutation(len(rows_of))
+        for k, name in enumerate(names):
+            picked = rows_of.iloc[order[k * rows:(k + 1) * rows]]
+            parts.append(picked.assign(**{DEPARTMENT: name}))
+    return pd.concat(parts, ignore_index=True)
 
 
 _READERS = {
@@ -211,9 +231,11 @@ def load_table(path: Path, text_column: str, label_column: str, department_colum
 
 def load_source(source: str, text_column: str = TEXT, label_column: str = LABEL,
                 department_column: str | None = DEPARTMENT) -> pd.DataFrame:
-    """`hutto` (the embedded default) or the path of a user file."""
+    """`hutto` (the embedded default), `hutto-small` (the small-department scenario) or the path of a user file."""
     if source == "hutto":
         return load_hutto()
+    if source == "hutto-small":
+        return load_hutto_small()
     return load_table(Path(source), text_column, label_column, department_column)
 
 

@@ -24,6 +24,8 @@ M_ACCURACY: Final = "accuracy"
 M_CORRECT: Final = "correct"
 M_NUM_EXAMPLES: Final = "num-examples"
 M_REASON: Final = "reason"
+M_PHASE: Final = "phase"  # "probe" (the head alone, on cached inputs) or "finetune" (client.plan)
+M_PLAN: Final = "plan"  # the department's privacy-utility plan for the rest of the job, as JSON (client.plan.Plan)
 
 # Department statuses recorded per round by the server.
 STATUS_TRAINED: Final = "trained"

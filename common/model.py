@@ -149,6 +149,29 @@ def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
     return BuiltModel(model=model, tokenizer=tokenizer)
 
 
+HEAD_NAMES = ("classifier", "score")  # the sequence-classification head's attribute in transformers' models
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The trainable classification head of a model `build_model` made: under LoRA, the trained copy inside peft's
+    `modules_to_save` wrapper; under full fine-tuning, the head itself."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        head = getattr(inner, name, None)
+        if isinstance(head, torch.nn.Module):
+            saved = getattr(head, "modules_to_save", None)
+            if isinstance(saved, torch.nn.ModuleDict):
+                return saved["default"] if "default" in saved else next(iter(saved.values()))
+            return head
+    raise ModelError(f"{type(inner).__name__} has no classification head named {' or '.join(HEAD_NAMES)}; the probe "
+                     "phase needs one (set probe-rounds = 0 to fine-tune without it).")
+
+
+def count_weights(module: torch.nn.Module) -> int:
+    """Trainable (exchanged, and under DP noised) coordinates of `module`."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def trainable_names(model: torch.nn.Module) -> list[str]:
     """Names of the exchanged tensors, in a fixed order (the model's registration order)."""
     return [name for name, p in model.named_parameters() if p.requires_grad]

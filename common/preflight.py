@@ -12,18 +12,24 @@ import numpy as np
 
 from common.errors import ConfigError, DataError
 
+# A round's expected batch is at most this fraction of a department's rows (Poisson sampling rate at most 1/4):
+# a batch of all rows would leave DP-SGD without the privacy amplification of sampling.
+MIN_BATCHES_PER_EPOCH = 4
 
-def check_department_data(name: str, train_labels: np.ndarray, label_names: Sequence[str], *, batch_size: int,
+
+def check_department_data(name: str, train_labels: np.ndarray, label_names: Sequence[str], *,
                           delta: float | None) -> None:
-    """Raise unless department `name` can train: enough examples for a batch, two classes, delta below 1/n.
+    """Raise unless department `name` can train: enough examples to sample batches from, two classes, delta below
+    1/n.
 
     `delta` is the site's DP delta, or None for a job without DP.
     """
     n = len(train_labels)
-    if n < batch_size:
+    if n < MIN_BATCHES_PER_EPOCH:
         raise DataError(
-            f"Department {name!r} has {n} training example(s), fewer than batch-size {batch_size}: every Poisson "
-            "batch would hold its whole data set. Lower 'batch-size' or give the department more data."
+            f"Department {name!r} has {n} training example(s), fewer than {MIN_BATCHES_PER_EPOCH}: a batch is at "
+            f"most 1/{MIN_BATCHES_PER_EPOCH} of a department's rows (DP-SGD's privacy comes from sampling them), so "
+            "it cannot train. Give the department more data."
         )
     present = sorted({int(i) for i in np.unique(train_labels)})
     if len(present) < 2:

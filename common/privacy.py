@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.errors import BudgetExhaustedError, ConfigError
+from common.preflight import MIN_BATCHES_PER_EPOCH
 
 Charge = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
 
@@ -71,6 +73,31 @@ def sample_rate(batch_size: int, n_examples: int) -> float:
 def steps_per_round(local_epochs: float, q: float) -> int:
     """Optimizer steps that visit `local_epochs` of the data in expectation (at least one)."""
     return max(1, round(local_epochs / q))
+
+
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """One round's DP-SGD schedule at a department: expected batch, Poisson sampling rate, steps."""
+
+    batch_size: int  # the plain loader's batch: Opacus samples each row with rate 1 / (number of such batches)
+    expected_batch: float
+    sample_rate: float
+    steps: int
+
+
+def local_work(n: int, batch_size: int, epochs: float, *, min_steps: int = 1, max_steps: int = 0) -> LocalWork:
+    """The schedule for `epochs` of `n` rows at an expected batch of `batch_size` (at most n / 4), within
+    [`min_steps`, `max_steps`] steps (`max_steps` 0: unbounded)."""
+    if n < 1:
+        raise ConfigError("A department needs at least one training example.")
+    batch = max(1, min(batch_size, n // MIN_BATCHES_PER_EPOCH))
+    q = sample_rate(batch, n)
+    steps = max(min_steps, steps_per_round(epochs, q))
+    if max_steps:
+        steps = min(max_steps, steps)
+    return LocalWork(batch_size=batch, expected_batch=q * n, sample_rate=q, steps=steps)
 
 
 def noise_for_budget(*, history: Sequence[Charge], epsilon_budget: float, delta: float, q: float, steps: int,

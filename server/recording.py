@@ -11,11 +11,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from flwr.common import EvaluateRes, FitRes, Scalar
+from pydantic import ValidationError
 
 from common import keys
 from server.aggregation import Outcome
 from server.compat import ErrorCode
-from server.records import AggregateStatus, DepartmentRound, Dropout, RoundRecord, RunSummary
+from server.records import AggregateStatus, DepartmentRound, Dropout, PlanRecord, RoundRecord, RunSummary
 from server.report import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ FAILURE_TEXT_CHARS = 400
 HALTED = "secure aggregation halted (too few departments)"
 NO_AGGREGATE = "no aggregate (secure aggregation halted or no department trained)"
 SECONDS_DIGITS = 3  # timings are recorded to the millisecond
+PLAN_MAX_CHARS = 16_384  # a department's plan is a few hundred characters; anything far larger is not a plan
 
 
 def failure_text(exc: object) -> str:
@@ -101,9 +103,25 @@ def fit_result(recorder: RunRecorder, record: RoundRecord, name: str, res: FitRe
         recorder.department(name)
     dept = DepartmentRound(status=status, epsilon=_number(metrics.get(keys.M_EPSILON)),
                            delta=_number(metrics.get(keys.M_DELTA)), reason=_text(metrics.get(keys.M_REASON)),
-                           train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)))
+                           train_seconds=_number(metrics.get(keys.M_TRAIN_SECONDS)),
+                           phase=_text(metrics.get(keys.M_PHASE)))
     record.departments[name] = dept
+    if keys.M_PLAN in metrics and recorder.department(name).plan is None:
+        recorder.department(name).plan = _plan(name, metrics[keys.M_PLAN])
     return dept
+
+
+def _plan(name: str, value: Scalar) -> PlanRecord | None:
+    """A department's plan as it sent it (JSON), or None (logged) when it is not a readable plan."""
+    if not isinstance(value, str) or len(value) > PLAN_MAX_CHARS:
+        log.warning("department %s sent a plan that is not a JSON text of at most %d characters; not recorded",
+                    name, PLAN_MAX_CHARS)
+        return None
+    try:
+        return PlanRecord.model_validate_json(value)
+    except ValidationError as exc:
+        log.warning("department %s sent an unreadable plan (not recorded): %s", name, failure_text(exc))
+        return None
 
 
 def rejected(dept: DepartmentRound, server_round: int, name: str, node_id: int, why: str) -> None:

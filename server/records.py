@@ -64,7 +64,7 @@ class _Record(BaseModel):
 class DepartmentRound(_Record):
     """One department in one round: what it reported (fit and evaluation metrics) and what the server decided."""
 
-    _OMIT_IF_NONE = frozenset({"reason", "evaluate_status", "evaluate_reason"})
+    _OMIT_IF_NONE = frozenset({"reason", "evaluate_status", "evaluate_reason", "phase"})
 
     status: str = Field(description="trained, declined_budget, declined_policy, failed, not_seen (not connected "
                                     "when the round started) or dropped")
@@ -74,6 +74,7 @@ class DepartmentRound(_Record):
     n_test: int | None = Field(default=None, description="its held-out test examples this round")
     reason: str | None = Field(default=None, description="why it did not train or was not counted")
     train_seconds: Measure = Field(default=None, description="its own local-training time this round")
+    phase: str | None = Field(default=None, description="what it trained: probe (the head alone) or finetune")
     evaluate_status: str | None = Field(default=None, description="failed when its evaluation of the global model "
                                                                   "failed (absent: evaluated, or not asked)")
     evaluate_reason: str | None = Field(default=None, description="why its evaluation failed (one line, from the "
@@ -90,16 +91,47 @@ class Dropout(_Record):
     attempt: int = Field(ge=1, description="the round's fit attempt (a halted SecAgg+ round may be retried)")
 
 
-class DepartmentSize(_Record):
-    """A department's data sizes, as it last reported them, and the node it last answered from."""
+class PhasePlanRecord(_Record):
+    """One phase of a department's plan (client.plan.PhasePlan)."""
 
-    _OMIT_IF_NONE = frozenset({"node_id"})
+    phase: str = Field(description="probe (the classifier head alone, on cached inputs) or finetune")
+    rounds: int = Field(ge=0, description="rounds of this phase planned")
+    batch_size: int = Field(ge=1)
+    expected_batch: float
+    sample_rate: float
+    steps_per_round: int = Field(ge=1)
+    noise_multiplier: float = Field(description="0 without DP")
+    clip_norm: float
+    noised_weights: int
+    noise_ratio: float = Field(description="expected L2 norm of one averaged step's noise over the clip norm")
+
+
+class PlanRecord(_Record):
+    """A department's privacy-utility plan for the job, as it sent it with its first training reply, computed
+    before it charged anything (client.plan.Plan)."""
+
+    site: str
+    n_train: int
+    epsilon_budget: float
+    delta: float
+    epsilon_spent: float = Field(description="its epsilon before the job's first round it trained in")
+    epsilon_planned: float = Field(description="its epsilon after every planned round")
+    phases: list[PhasePlanRecord]
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DepartmentSize(_Record):
+    """A department's data sizes, as it last reported them, the node it last answered from, and its plan."""
+
+    _OMIT_IF_NONE = frozenset({"node_id", "plan"})
 
     n_train: int = 0
     n_test: int = 0
     node_id: int | None = Field(default=None, description="the Flower node id it last answered from: the server "
                                                           "names that node's records by this department, on resume "
                                                           "too")
+    plan: PlanRecord | None = Field(default=None, description="its privacy-utility plan, from its first training "
+                                                              "reply")
 
 
 class RoundRecord(_Record):

@@ -28,7 +28,8 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--no-secagg", action="store_true", help="aggregate in the clear (the server sees updates)")
     p.add_argument("--model", help="'minilm', 'tiny-random' or a local Hugging Face model directory")
     p.add_argument("--finetune", choices=["lora", "full"], help="LoRA adapters (default) or all weights")
-    p.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments (default: Hutto corpora)")
+    p.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments, or hutto-small (the "
+                   "small-department scenario; default: the Hutto corpora)")
     p.add_argument("--text-column", help="text column of --data (default text)")
     p.add_argument("--label-column", help="label column of --data (default label)")
     p.add_argument("--department-column", help="department column of --data (default department)")
@@ -45,6 +46,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from client.plan import Plan, format_plans
     from simulations.run import simulate
 
     rc = run_config_from_args(args)
@@ -68,7 +70,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             progress.update(task, completed=last.round, description=f"global accuracy {acc}",
                             total=rec.config["num-server-rounds"])  # type: ignore[attr-defined]
 
-        report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None)
+        def on_plans(plans: list[Plan]) -> None:
+            progress.console.print(f"Privacy-utility plan per department (before anything is charged):\n"
+                                   f"{format_plans(plans)}", markup=False, highlight=False,
+                                   soft_wrap=True)
+
+        report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None, on_plans=on_plans)
     final = report["final"]
     accuracy = final["global_accuracy"]
     print(f"Simulation finished: {len(report['rounds'])} rounds, global held-out accuracy "

@@ -18,6 +18,7 @@ import torch
 
 from client.app import build_client_app
 from client.compat import Mod
+from client.plan import Plan
 from client.site import SiteConfig, preflight_sites, simulated_sites
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
@@ -98,16 +99,36 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
     return rc, JobConfig.from_run_config(rc), len(sites)
 
 
+def department_plans(rc: dict[str, bool | int | float | str], out_dir: Path) -> list[Plan]:
+    """Each simulated department's privacy-utility plan for the job (`client.plan`), computed as the department
+    computes it at its first round, from its own ledger, before anything is charged. `rc`: as `prepare` made it."""
+    from client.runner import Department
+
+    job, sim = resolve_job(rc)
+    model = build_model(job, len(job.label_names)).model
+    job_id = str(rc.get("job-id", "")) or None
+    return [Department(site, job, run_id="plan").preview_plan(model, job_id)
+            for site in simulated_sites(job, sim, out_dir.resolve())]
+
+
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
-             resume: bool = False, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+             resume: bool = False, client_mods: Sequence[Mod] = (),
+             on_plans: Callable[[list[Plan]], None] | None = None) -> dict[str, Any]:
     """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report (report.json's
     document; `server.records.load_report` types it).
 
-    `client_mods` run around every department's ClientApp (outermost first), as Flower client mods.
+    `client_mods` run around every department's ClientApp (outermost first), as Flower client mods. `on_plans`
+    receives the departments' plans (`department_plans`) before training starts (not on resume).
     Raises on bad config or if the rounds did not complete.
     """
     rc, job, n_sites = prepare(rc, out_dir, resume=resume)
+    if on_plans is not None and not resume:
+        plans = department_plans(rc, out_dir)
+        for plan in plans:
+            for warning in plan.warnings:
+                log.warning("plan: %s", warning)
+        on_plans(plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
     backend_config = {

@@ -10,9 +10,9 @@ initialisation and the batch order; DP noise and sampling come from the OS's ent
 tables give the median over an arm's runs and their range, so one lucky or unlucky DP run does not decide a goal.
 
 The compute budget is the number of gradient steps of the configured (expected) batch size: a federated arm takes
-`rounds x steps_per_round(local-epochs, q_d)` steps at each department d; the centralized arm takes their sum on the
-pooled data. Accuracy is measured on the same global held-out test (the union of the departments' test splits) and
-on each department's own test split.
+`rounds x client.plan.finetune_work(n_d, job).steps` steps at each department d; the centralized arm takes their
+sum on the pooled data. Accuracy is measured on the same global held-out test (the union of the departments' test
+splits) and on each department's own test split.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from client.plan import finetune_work
 from client.site import simulated_sites
 from client.train import train_round
 from common.config import check_known_keys
@@ -36,7 +37,6 @@ from common.data import DEPARTMENT, LABEL, TEXT, load_source, resolve_job
 from common.errors import ConfigError
 from common.files import write_atomic
 from common.model import build_model, device
-from common.privacy import sample_rate, steps_per_round
 from common.text import encode, evaluate
 from server.records import load_report
 from simulations.machine import describe, machine_line
@@ -179,7 +179,7 @@ def _budget(rc: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     per_round = {}
     for site in sites:
         n = len(site.load_split(job.label_names).train_texts)
-        per_round[site.name] = steps_per_round(job.local_epochs, sample_rate(job.batch_size, n))
+        per_round[site.name] = finetune_work(n, job).steps
     total = job.num_server_rounds * sum(per_round.values())
     return {"rounds": job.num_server_rounds, "local_epochs": job.local_epochs, "batch_size": job.batch_size,
             "steps_per_round": per_round, "total_steps": total}
@@ -194,7 +194,8 @@ def run_centralized(rc: dict[str, Any], out_dir: Path, steps: int) -> ArmRun:
     train = encode(built.tokenizer, [t for s in splits.values() for t in s.train_texts],
                    np.concatenate([s.train_labels for s in splits.values()]), job.max_length)
     start = time.perf_counter()
-    train_round(built.model, train, job, steps=steps, noise_multiplier=None, dev=device(), seed=job.seed)
+    train_round(built.model, train, job, batch_size=job.batch_size, steps=steps, noise_multiplier=None, dev=device(),
+                seed=job.seed)
     per_dept = {}
     correct = total = 0
     for name, split in splits.items():

@@ -28,7 +28,8 @@ def test_opacus_records_exactly_the_requested_steps_even_with_empty_batches(mode
     cfg = JobConfig(model="tiny-random", batch_size=1, max_length=16, grad_sample_mode=mode)
     built, data = _data(cfg, 300)
     before = get_trainable(built.model)
-    result = train_round(built.model, data, cfg, steps=20, noise_multiplier=1.3, dev=device(), seed=None)
+    result = train_round(built.model, data, cfg, batch_size=cfg.batch_size, steps=20, noise_multiplier=1.3,
+                         dev=device(), seed=None)
     q = sample_rate(1, 300)
     assert result.accountant_history == [(1.3, q, 20)]
     assert result.steps == 20
@@ -41,7 +42,8 @@ def test_non_private_round_is_reproducible_with_a_seed() -> None:
     runs = []
     for _ in range(2):
         built, data = _data(cfg, 64)
-        result = train_round(built.model, data, cfg, steps=5, noise_multiplier=None, dev=device(), seed=3)
+        result = train_round(built.model, data, cfg, batch_size=cfg.batch_size, steps=5, noise_multiplier=None,
+                             dev=device(), seed=3)
         assert result.accountant_history == []
         runs.append(get_trainable(built.model))
     for a, b in zip(*runs, strict=True):
@@ -52,7 +54,8 @@ def test_training_learns_the_synthetic_task() -> None:
     cfg = JobConfig(model="tiny-random", batch_size=16, max_length=16, dp=False, learning_rate=0.05)
     built, data = _data(cfg, 256)
     start = evaluate(built.model, data, device())
-    train_round(built.model, data, cfg, steps=60, noise_multiplier=None, dev=device(), seed=0)
+    train_round(built.model, data, cfg, batch_size=cfg.batch_size, steps=60, noise_multiplier=None,
+                dev=device(), seed=0)
     end = evaluate(built.model, data, device())
     assert start.accuracy < 0.6 and end.accuracy > 0.85
     assert end.loss < start.loss / 2

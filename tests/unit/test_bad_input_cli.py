@@ -187,8 +187,9 @@ CASES: dict[str, tuple[Case, str]] = {
                                      r"are not in the job's label set \['neg', 'pos'\]"),
     "department with one class": (lambda w, p: _simulate(w, w.write("oneclass.csv", _one_class_csv())),
                                   r"'oncology' has a single class \('positive'\)"),
-    "too few examples for the batch size": (lambda w, p: _simulate(w, None, "-c", "batch-size=33"),
-                                            r"'radiology' has 32 training example\(s\), fewer than batch-size 33"),
+    "too few examples to sample batches from": (
+        lambda w, p: _simulate(w, w.write("tiny.csv", _good_csv({**DEPARTMENTS, "radiology": 4}))),
+        r"'radiology' has 3 training example\(s\), fewer than 4"),
     "absurdly long text": (lambda w, p: _simulate(w, w.write("long.csv", _long_text_csv())),
                            "exceed 100000 characters"),
     # run config
@@ -292,6 +293,6 @@ def test_bad_input_exits_2_with_a_clear_message_and_changes_nothing(case: str, w
 def test_every_issue_class_has_a_case() -> None:
     """The classes listed by issue 4, item 5; each must have at least one case above."""
     wanted = ["missing", "empty", "unreadable", "wrong encoding", "missing columns", "labels outside", "one class",
-              "batch size", "long text", "malformed", "unknown config key", "epsilon zero", "delta not below 1/n",
+              "too few examples", "long text", "malformed", "unknown config key", "epsilon zero", "delta not below 1/n",
               "unknown model path", "expired", "from another CA", "port in use"]
     assert [w for w in wanted if not any(w in case for case in CASES)] == []

@@ -97,7 +97,7 @@ def test_a_charge_over_the_cap_is_refused_even_if_planned(tmp_path: Path) -> Non
     dept = _capped(_department(tmp_path, BUDGET, 40, "run-1", ROUNDS), cap=0.5)
     with harness.patched(None, dept), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with mock.patch.object(Department, "_plan_noise", lambda *a, **k: 0.5):
+        with mock.patch("client.plan.noise_for_budget", lambda **k: 0.5):
             outcome = dept.fit(GLOBAL, 1, ROUNDS, None, job_id="job-a")
     assert outcome.metrics[keys.M_STATUS] == keys.STATUS_DECLINED_BUDGET
     assert "per-job cap" in str(outcome.metrics[keys.M_REASON])

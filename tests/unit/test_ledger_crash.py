@@ -105,7 +105,7 @@ def _ledger(tmp: Path, budget: float) -> LedgerFile:
 
 
 def _department(tmp: Path, budget: float, n: int, run_id: str, rounds: int) -> Department:
-    job = JobConfig(labels=LABELS, batch_size=BATCH, local_epochs=0.5, num_server_rounds=rounds)
+    job = JobConfig(labels=LABELS, batch_size=BATCH, local_epochs=0.5, num_server_rounds=rounds, probe_rounds=0)
     dept = Department(_site(tmp, budget), job, run_id)
     labels = np.arange(n, dtype=np.int64) % 2
     dept._split = Split(SITE, ["a note"] * n, labels, ["a note", "another"], np.array([0, 1]))
@@ -128,10 +128,11 @@ class _Harness:
     @contextlib.contextmanager
     def patched(self, stage: str | None, dept: Department) -> Iterator[_FaultyOS]:
         faulty = _FaultyOS(stage if stage in WRITE_STAGES else None)
-        q = sample_rate(BATCH, len(dept.split.train_labels))
+        n = len(dept.split.train_labels)
 
-        def fake_train(model: torch.nn.Module, data: object, job: JobConfig, *, steps: int,
+        def fake_train(model: torch.nn.Module, data: object, job: JobConfig, *, batch_size: int, steps: int,
                        noise_multiplier: float | None, dev: torch.device, seed: int | None) -> TrainResult:
+            q = sample_rate(batch_size, n)
             # Write-ahead: before any training the charge must already be on disk (read as a restarted site would).
             self.trained_with.append(len(_ledger(self.tmp, self.budget).read().entries))
             if stage == "train":
@@ -156,9 +157,9 @@ class _Harness:
                                            lambda job, k: BuiltModel(torch.nn.Linear(3, 2), tokenizer=None)))
             stack.enter_context(mock.patch.object(Department, "_encode", lambda self, built, texts, labels: None))
             if stage == "plan":
-                stack.enter_context(mock.patch("client.runner.noise_for_budget", crashing_plan))
+                stack.enter_context(mock.patch("client.plan.noise_for_budget", crashing_plan))
             elif self.sigma is not None:
-                stack.enter_context(mock.patch("client.runner.noise_for_budget", fixed_plan))
+                stack.enter_context(mock.patch("client.plan.noise_for_budget", fixed_plan))
             yield faulty
 
     def fit(self, dept: Department, stage: str | None, server_round: int, rounds: int) -> FitOutcome | None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -15,11 +17,13 @@ from starlette.testclient import TestClient
 from client.deploy import REFUSED_EXIT, install_gate, supernode_command
 from client.gate import admit
 from client.ledger import Ledger, LedgerEntry
+from client.plan import FINETUNE
 from client.policy import INSTALLED, SitePolicy
 from client.runner import Department
 from client.site import SiteConfig
 from common.appbundle import app_dir, build_bundle, bundle_digest, normalise_digest, stage_app
 from common.config import JobConfig
+from common.data import Split
 from common.errors import ConfigError, PolicyError
 from common.privacy import epsilon_spent
 from server.superlink import OperatorOnly
@@ -192,13 +196,17 @@ def _ledger(entries: list[tuple[str, float, float, int]]) -> Ledger:
 def test_per_job_cap_plans_noise_for_this_jobs_own_charges(tmp_path: Path, cap: float | None) -> None:
     site = SiteConfig(name="cardiology", data="hutto", epsilon=8.0, delta=1e-5, ledger=str(tmp_path / "l.json"),
                       policy=SitePolicy(approved_apps=(DIGEST,), max_epsilon_per_job=cap))
-    dept = Department(site, JobConfig.from_run_config({**TINY_JOB, "labels": "negative,positive"}), run_id="job-2")
+    job = JobConfig.from_run_config({**TINY_JOB, "labels": "negative,positive", "probe-rounds": 0,
+                                     "num-server-rounds": 2, "batch-size": 10, "local-epochs": 1.0})
+    dept = Department(site, job, run_id="job-2")
+    dept._split = Split("cardiology", ["a note"] * 100, np.arange(100) % 2, ["a note"], np.array([0]))
     ledger = _ledger([("job-1", 1.0, 0.1, 20), ("job-2", 2.0, 0.1, 10)])  # an earlier job, and this one's round 1
-    q, steps = 0.1, 10
-    sigma = dept._plan_noise(ledger, q, steps)
-    total = epsilon_spent([*ledger.history, (sigma, q, steps)], 1e-5, "rdp")
+    plan = dept.plan(ledger, torch.nn.Linear(3, 2), server_round=2, num_rounds=2, job_id="job-2")
+    charge = plan.phase(FINETUNE).charge
+    assert charge[1:] == (0.1, 10)  # batch 10 of 100 rows, one epoch: the same sampling as round 1
+    total = epsilon_spent([*ledger.history, charge], 1e-5, "rdp")
     assert total <= 8.0 * (1 + 1e-3)
-    this_job = epsilon_spent([(2.0, 0.1, 10), (sigma, q, steps)], 1e-5, "rdp")
+    this_job = epsilon_spent([(2.0, 0.1, 10), charge], 1e-5, "rdp")
     if cap is None:
         assert total == pytest.approx(8.0, rel=1e-2)  # only the site's total budget binds
     else:

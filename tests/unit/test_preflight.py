@@ -18,27 +18,28 @@ LABELS = ("negative", "positive", "neutral")
 
 
 def test_usable_data_passes() -> None:
-    check_department_data("a", np.array([0, 1] * 20), LABELS, batch_size=40, delta=1e-5)
-    check_department_data("a", np.array([0, 2, 2, 2]), LABELS, batch_size=4, delta=None)  # 2 of 3 classes is fine
+    check_department_data("a", np.array([0, 1] * 20), LABELS, delta=1e-5)
+    check_department_data("a", np.array([0, 2, 2, 2]), LABELS, delta=None)  # 2 of 3 classes is fine
 
 
-def test_too_few_examples_for_the_batch() -> None:
-    with pytest.raises(DataError, match=r"'a' has 39 training example\(s\), fewer than batch-size 40"):
-        check_department_data("a", np.arange(39) % 2, LABELS, batch_size=40, delta=1e-5)
+def test_too_few_examples_to_sample_batches_from() -> None:
+    with pytest.raises(DataError, match=r"'a' has 3 training example\(s\), fewer than 4"):
+        check_department_data("a", np.arange(3) % 2, LABELS, delta=None)
+    check_department_data("a", np.arange(4) % 2, LABELS, delta=None)
 
 
 @pytest.mark.parametrize(("labels", "only"), [([1] * 10, "positive"), ([2] * 10, "neutral")])
 def test_one_class(labels: list[int], only: str) -> None:
     with pytest.raises(DataError, match=f"single class \\('{only}'\\)"):
-        check_department_data("a", np.array(labels), LABELS, batch_size=4, delta=1e-5)
+        check_department_data("a", np.array(labels), LABELS, delta=1e-5)
 
 
 @pytest.mark.parametrize(("n", "delta"), [(10, 0.1), (10, 0.5), (100, 0.01), (1000, 0.002)])
 def test_delta_not_below_one_over_n(n: int, delta: float) -> None:
     with pytest.raises(ConfigError, match=f"delta={delta:g} is not below 1/n"):
-        check_department_data("a", np.arange(n) % 2, LABELS, batch_size=1, delta=delta)
-    check_department_data("a", np.arange(n) % 2, LABELS, batch_size=1, delta=None)  # no DP: no delta to check
-    check_department_data("a", np.arange(n) % 2, LABELS, batch_size=1, delta=delta * 0.99 / (delta * n))
+        check_department_data("a", np.arange(n) % 2, LABELS, delta=delta)
+    check_department_data("a", np.arange(n) % 2, LABELS, delta=None)  # no DP: no delta to check
+    check_department_data("a", np.arange(n) % 2, LABELS, delta=delta * 0.99 / (delta * n))
 
 
 def test_a_site_refuses_unusable_data_before_charging(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from server.records import (
     DepartmentRound,
     DepartmentSize,
     Dropout,
+    PhasePlanRecord,
+    PlanRecord,
     ResumeRecord,
     RoundRecord,
     RunReport,
@@ -50,9 +52,20 @@ def _maybe(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     DepartmentRound: {"status": text, "epsilon": _maybe(finite), "delta": _maybe(finite), "accuracy": _maybe(finite),
                       "n_test": _maybe(counts), "reason": _maybe(text), "train_seconds": _maybe(finite),
-                      "evaluate_status": _maybe(text), "evaluate_reason": _maybe(text)},
+                      "evaluate_status": _maybe(text), "evaluate_reason": _maybe(text), "phase": _maybe(text)},
     Dropout: {"department": names, "node_id": st.integers(), "stage": text, "attempt": st.integers(1, 5)},
-    DepartmentSize: {"n_train": counts, "n_test": counts, "node_id": _maybe(st.integers())},
+    PhasePlanRecord: {"phase": text, "rounds": counts, "batch_size": st.integers(1, 10**6), "expected_batch": finite,
+                      "sample_rate": finite, "steps_per_round": st.integers(1, 10**6), "noise_multiplier": finite,
+                      "clip_norm": finite, "noised_weights": counts, "noise_ratio": finite},
+}
+FIELDS[PlanRecord] = {
+    "site": names, "n_train": counts, "epsilon_budget": finite, "delta": finite, "epsilon_spent": finite,
+    "epsilon_planned": finite, "phases": st.lists(st.builds(PhasePlanRecord, **FIELDS[PhasePlanRecord]), max_size=2),
+    "warnings": st.lists(text, max_size=2),
+}
+FIELDS |= {
+    DepartmentSize: {"n_train": counts, "n_test": counts, "node_id": _maybe(st.integers()),
+                     "plan": _maybe(st.builds(PlanRecord, **FIELDS[PlanRecord]))},
     ResumeRecord: {"after_round": counts, "time": text,
                    "checkpoint_versions": st.dictionaries(names, text, max_size=3)},
 }

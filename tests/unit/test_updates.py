@@ -82,23 +82,22 @@ def _fit_with_training_result(tmp_path: Path, change: float, *, max_update_norm:
                               secagg: bool = True) -> Department:
     """Run the real Department.fit with the model faked as Linear(3, 2) and training adding `change` to it."""
     job = JobConfig(labels="negative,positive", batch_size=4, local_epochs=0.5, max_update_norm=max_update_norm,
-                    secagg=secagg, min_departments=2 if secagg else 1)
+                    secagg=secagg, min_departments=2 if secagg else 1, probe_rounds=0)
     site = SiteConfig(name="cardiology", data="unused.csv", epsilon=8.0, delta=1e-5,
                       ledger=str(tmp_path / "ledger.json"))
     dept = Department(site, job, "run-1")
     n = 40
     dept._split = Split("cardiology", ["note"] * n, np.arange(n) % 2, ["note", "note"], np.array([0, 1]))
-    q = sample_rate(4, n)
-
-    def fake_train(model: torch.nn.Module, data: object, job: JobConfig, *, steps: int, noise_multiplier: float,
-                   dev: torch.device, seed: int | None) -> TrainResult:
+    def fake_train(model: torch.nn.Module, data: object, job: JobConfig, *, batch_size: int, steps: int,
+                   noise_multiplier: float, dev: torch.device, seed: int | None) -> TrainResult:
+        q = sample_rate(batch_size, n)
         with torch.no_grad():
             model.weight.add_(change)
         return TrainResult(steps, 0.5, 0.0, [(noise_multiplier, q, steps)])
 
     with mock.patch("client.runner.train_round", fake_train), \
             mock.patch("client.runner.build_model", lambda job, k: BuiltModel(torch.nn.Linear(3, 2), None)), \
-            mock.patch("client.runner.noise_for_budget", lambda **kw: 3.0), \
+            mock.patch("client.plan.noise_for_budget", lambda **kw: 3.0), \
             mock.patch.object(Department, "_encode", lambda self, built, texts, labels: None):
         dept.outcome = dept.fit(REF, 1, 2, None)  # type: ignore[attr-defined]
     return dept
