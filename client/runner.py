@@ -14,6 +14,7 @@ Order of operations for a training round, all on site:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import torch
 from client.egress_log import check_against_egress, egress_log_path, read_egress_log_locked
 from client.ledger import Ledger, LedgerEntry, LedgerFile
 from client.plan import PROBE, Plan, phase_of, plan_job
+from client.reuse import RUN_CACHE
 from client.site import SiteConfig
 from client.train import head_inputs, train_head, train_round
 from common import keys
@@ -70,15 +72,21 @@ class Department:
             raise ModelError("The job does not name its labels (config key 'labels').")
         self.ledger_file = LedgerFile(Path(site.ledger), site.name, site.epsilon, site.delta, site.accountant)
         self._split: Split | None = None
+        RUN_CACHE.begin(run_id)  # what this process kept for another run is dropped
 
     @property
     def split(self) -> Split:
         if self._split is None:
-            self._split = self.site.load_split(self.job.label_names)
+            self._split = RUN_CACHE.get(("split", self.site, self.job.label_names),
+                                        lambda: self.site.load_split(self.job.label_names))
         return self._split
 
     def _model(self, global_arrays: list[np.ndarray], fingerprint: str | None) -> BuiltModel:
-        built = build_model(self.job, len(self.job.label_names))
+        """The job's model with the global weights in place: the skeleton is built once per run in this process
+        (`client.reuse`); every trainable weight is overwritten here, and the frozen ones are fingerprinted anew
+        at every message, so nothing of another message or department carries over unnoticed."""
+        built: BuiltModel = RUN_CACHE.model(("model", self.job),
+                                            lambda: build_model(self.job, len(self.job.label_names)))
         if fingerprint is not None and base_fingerprint(built.model) != fingerprint:
             raise ModelError(
                 f"Site {self.site.name}: the frozen base model here differs from the server's "
@@ -88,7 +96,10 @@ class Department:
         return built
 
     def _encode(self, built: BuiltModel, texts: list[str], labels: np.ndarray) -> Encoded:
-        return encode(built.tokenizer, texts, labels, self.job.max_length)
+        """`texts` tokenised (once per run and site in this process: `client.reuse`)."""
+        digest = hashlib.sha256("\x00".join(texts).encode() + labels.tobytes()).hexdigest()
+        key = ("encoded", self.site, self.job, digest)
+        return RUN_CACHE.get(key, lambda: encode(built.tokenizer, texts, labels, self.job.max_length))
 
     def _base_metrics(self, ledger: Ledger, status: str) -> Metrics:
         return {keys.M_DEPARTMENT: self.site.name, keys.M_STATUS: status, keys.M_EPSILON: ledger.epsilon,

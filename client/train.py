@@ -161,7 +161,11 @@ def _train(module: torch.nn.Module, dataset: torch.utils.data.Dataset[tuple[torc
     seconds = time.perf_counter() - start
     history = list(engine.accountant.history) if engine is not None else []
     if isinstance(model, AbstractGradSampleModule):
-        model.remove_hooks()  # the caller evaluates the same module next; per-sample hooks would only cost
+        model.cleanup()  # hooks and per-sample attributes: the caller evaluates (and may reuse) the same module
+    for p in params:  # gradients and DPOptimizer's sums would otherwise stay on the (reusable) module
+        p.grad = None
+        if hasattr(p, "summed_grad"):
+            del p.summed_grad
     mean_loss = sum(losses) / max(1, len(losses))
     log.info("train: %d steps in %.1fs, mean loss %.4f", done, seconds, mean_loss)
     return TrainResult(steps=done, mean_loss=mean_loss, seconds=seconds, accountant_history=history)

@@ -40,3 +40,11 @@ def three_departments_csv(tmp_path: Path) -> Path:
 # Fast settings for the tiny model: a handful of DP steps per round.
 TINY_JOB = {"model": "tiny-random", "batch-size": 8, "local-epochs": 0.5, "max-length": 16,
             "learning-rate": 0.05}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_run_cache() -> None:
+    """Each test starts with nothing kept from another test's departments (client.reuse: tests reuse run ids)."""
+    from client.reuse import RUN_CACHE
+
+    RUN_CACHE.clear()

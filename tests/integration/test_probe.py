@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from client import runner
 from client.ledger import LedgerFile
 from client.plan import FINETUNE, PROBE
 from client.runner import Department
@@ -104,3 +107,36 @@ def test_head_inputs_come_back_in_row_order(tmp_path: Path) -> None:
                                                                   job.max_length), device())
                             for t in texts])
     torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_a_worker_reuses_the_model_and_data_but_nothing_of_another_department(tmp_path: Path) -> None:
+    """Two departments' messages in one process (a simulation worker): one model build and one tokenisation per
+    split for the run, and each message starts from the global weights, not the previous department's."""
+    data = tmp_path / "notes.csv"
+    make_department_frame({"cardiology": 120, "oncology": 120}).to_csv(data, index=False)
+    job = JobConfig.from_run_config({**TINY_JOB, "labels": "negative,positive", "num-server-rounds": 2,
+                                     "secagg": False, "min-departments": 1, "probe-rounds": 0})
+    sites = [SiteConfig(name=name, data=str(data), epsilon=BUDGET, delta=DELTA, department_column="department",
+                        ledger=str(tmp_path / name / "ledger.json")) for name in ("cardiology", "oncology")]
+    built = build_model(job, 2)
+    global_arrays = get_trainable(built.model)
+    builds: list[int] = []
+    real_build = runner.build_model
+
+    def counting_build(*args: Any, **kwargs: Any) -> Any:
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    with mock.patch.object(runner, "build_model", counting_build):
+        trained = Department(sites[0], job, "run-7").fit(global_arrays, 1, 2, None)
+        assert any(np.abs(u).max() > 0 for u in trained.update)
+        other = Department(sites[1], job, "run-7")
+        kept = other._model(global_arrays, None)  # the same skeleton, with the global weights back in place
+        for got, want in zip(get_trainable(kept.model), global_arrays, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert not any(hasattr(p, "grad_sample") or p.grad is not None for p in kept.model.parameters())
+        other.evaluate(global_arrays, None)
+        Department(sites[0], job, "run-7").evaluate(global_arrays, None)
+        assert len(builds) == 1
+        Department(sites[0], job, "run-8").evaluate(global_arrays, None)  # another run: built anew
+        assert len(builds) == 2
