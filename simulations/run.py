@@ -2,13 +2,16 @@
 
 The ServerApp and ClientApp are the same code as in deployment; only where site configs come from differs
 (`client.site.simulated_sites`), and the simulation tells the ServerApp about its departments (`sites_view`).
-Ray is started and shut down by Flower's simulation runtime.
+Ray is started and shut down by Flower's simulation runtime; with a Ray address, Flower's runtime joins that
+cluster instead (`ray.init(address=...)` through the backend config's `init_args`) and, at the end, only
+disconnects from it (`ray.shutdown()` in a driver that joined a cluster leaves the cluster running).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ import torch
 
 from client.app import build_client_app
 from client.compat import Mod
+from client.policy import split_address
 from client.site import SiteConfig, preflight_sites, simulated_sites
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
@@ -35,9 +39,56 @@ from server.strategy import CentralEval
 
 log = logging.getLogger(__name__)
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: ray.init() joins the cluster it names
+RAY_LOCAL = "local"  # ray.init's address for "start a new Ray here", whatever cluster this machine last joined
+RAY_CONNECT_TIMEOUT_S = 5.0
+
 
 class SimulationFailedError(FedsiloError):
     """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
+
+
+class RayClusterError(FedsiloError):
+    """The Ray cluster to join is not reachable at the address given."""
+
+
+def check_ray_address(address: str) -> str:
+    """The `host:port` of a Ray head's GCS, checked to accept connections within a few seconds.
+
+    ray.init(address=...) retries an unreachable GCS for minutes before it gives up; this fails fast instead.
+    """
+    try:
+        host, port = split_address(address)
+    except ConfigError as exc:
+        raise ConfigError(f"Ray address {address!r} (--ray-address or ${RAY_ADDRESS_ENV}) must be HOST:PORT of a "
+                          "Ray cluster's head (its GCS, e.g. head.example.org:6379).") from exc
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RayClusterError(f"No Ray cluster reachable at {address} ({exc}); start one with `ray start --head "
+                              f"--port {port}` on {host}, or check the address.") from exc
+    return address
+
+
+def backend_config(n_sites: int, cpus_per_department: float, ray_address: str | None) -> dict[str, Any]:
+    """Flower's Ray backend config: per-department resources, and how Ray is started or joined.
+
+    Locally, a new Ray is started with this machine's CPUs (address "local": without it ray.init() would join the
+    cluster a `ray start` on this machine last wrote to /tmp/ray, and refuse `num_cpus`), and each department takes
+    a GPU share where torch sees CUDA.
+    Joining a cluster (`ray_address`), nothing about this machine is passed to Ray: Flower's actor pool is sized
+    by the cluster's nodes' resources, and departments ask for CPUs only (this machine's CUDA says nothing about
+    the nodes').
+    """
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
+    if ray_address is None:
+        gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
+        init_args.update(address=RAY_LOCAL, num_cpus=os.cpu_count() or 1)
+    else:
+        gpus = 0.0
+        init_args["address"] = check_ray_address(ray_address)
+    return {"client_resources": {"num_cpus": cpus_per_department, "num_gpus": gpus}, "init_args": init_args}
 
 
 def central_evaluator(job: JobConfig, sites: Sequence[SiteConfig]) -> CentralEval:
@@ -100,30 +151,31 @@ def prepare(rc: dict[str, bool | int | float | str], out_dir: Path, *,
 
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
-             resume: bool = False, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+             resume: bool = False, client_mods: Sequence[Mod] = (), ray_address: str | None = None) -> dict[str, Any]:
     """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report (report.json's
     document; `server.records.load_report` types it).
 
     `client_mods` run around every department's ClientApp (outermost first), as Flower client mods.
-    Raises on bad config or if the rounds did not complete.
+    `ray_address` (default: $RAY_ADDRESS, as Ray's own): the `host:port` of a running Ray cluster's head to run the
+    departments on, instead of a Ray started on this machine; the cluster keeps running afterwards. Every node
+    must import fedsilo and reach `out_dir` and the data at the same paths.
+    Raises on bad config, an unreachable cluster, or if the rounds did not complete.
     """
+    ray_address = ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
     rc, job, n_sites = prepare(rc, out_dir, resume=resume)
+    backend = backend_config(n_sites, cpus_per_department, ray_address)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
-    backend_config = {
-        "client_resources": {"num_cpus": cpus_per_department, "num_gpus": gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
-    }
     from flwr.simulation import run_simulation
 
     adopt_flower_logger()  # Flower's import added its own console handler: its records are printed once, by ours
 
     log_file = add_log_file(out_dir / LOG_FILE)  # the whole log, Flower's lines included, without colour codes
     try:
-        log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
+        log.info("simulate: %d departments, %d rounds, out %s, on %s", n_sites, job.num_server_rounds, out_dir,
+                 f"the Ray cluster at {ray_address}" if ray_address else "a Ray started on this machine")
         run_simulation(server_app=build_server_app(rc, simulated_sites=sites_view, on_round=on_round),
                        client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
-                       backend_config=backend_config)
+                       backend_config=backend)
     finally:
         remove_log_file(log_file)
     report_path = out_dir / REPORT_JSON
