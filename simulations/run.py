@@ -71,6 +71,31 @@ def check_ray_address(address: str) -> str:
     return address
 
 
+def check_ray_cluster(address: str, cpus_per_department: float) -> None:
+    """Join the cluster at `address` once, with Ray's own client, and leave it: refused (typed, at once) where Ray
+    cannot join it (another Ray version, not a Ray head) or where no node has the CPUs of one department.
+
+    Inside Flower's simulation runtime the same failures would crash the runtime while the ServerApp waits for
+    replies (until `stage-timeout`); here they are reported before anything starts.
+    """
+    import ray
+
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="error", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayClusterError(f"Cannot join the Ray cluster at {address}: {exc}") from exc
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()  # a driver that joined a cluster leaves it running
+    # Flower's actor pool: per node, as many actors as the node's CPUs hold departments
+    if not any(int(res.get("CPU", 0) / cpus_per_department) for res in nodes):
+        cpus = [res.get("CPU", 0) for res in nodes]
+        raise RayClusterError(f"No node of the Ray cluster at {address} has the {cpus_per_department:g} CPU(s) a "
+                              f"department takes (its nodes' CPUs: {cpus}); start its nodes with more "
+                              "(`ray start --num-cpus N`).")
+
+
 def backend_config(n_sites: int, cpus_per_department: float, ray_address: str | None) -> dict[str, Any]:
     """Flower's Ray backend config: per-department resources, and how Ray is started or joined.
 
@@ -164,6 +189,8 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
     ray_address = ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
     rc, job, n_sites = prepare(rc, out_dir, resume=resume)
     backend = backend_config(n_sites, cpus_per_department, ray_address)
+    if ray_address is not None:
+        check_ray_cluster(ray_address, cpus_per_department)
     out_dir.mkdir(parents=True, exist_ok=True)
     from flwr.simulation import run_simulation
 

@@ -4,6 +4,7 @@ The cluster (`ray.cluster_utils.Cluster`: a head and a second node, one CPU each
 sharing this venv) is what `ray start --head` and `ray start --address` would make on two machines. Each department
 takes one CPU, so Flower's actor pool holds one actor per node. A client mod records, inside the actor, the Ray node
 that handled each message; both nodes must appear, the run must complete, and the cluster must outlive the run.
+A run without an address, meanwhile, must start a Ray of its own rather than join the cluster this machine runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from client.compat import Mod
-from simulations.run import simulate
+from simulations.run import RayClusterError, simulate
 from tests.conftest import TINY_JOB, make_department_frame
 
 pytestmark = pytest.mark.slow
@@ -60,21 +61,48 @@ def cluster() -> Iterator[tuple[Cluster, set[str]]]:
         c.shutdown()
 
 
-def test_simulation_places_departments_on_both_nodes(cluster: tuple[Cluster, set[str]], tmp_path: Path) -> None:
-    c, node_ids = cluster
+def _run(tmp_path: Path, ray_address: str | None) -> list[dict[str, Any]]:
+    """A one-round tiny simulation of 2 departments, checked to complete; the records of its messages."""
     data = tmp_path / "departments.csv"
     make_department_frame({"cardiology": 40, "radiology": 40}).to_csv(data, index=False)
     seen = tmp_path / "messages"
     seen.mkdir()
     rc = {**TINY_JOB, "num-server-rounds": 1, "sim-data": str(data)}
-
-    report = simulate(rc, tmp_path / "out", ray_address=c.address, client_mods=[ray_node_mod(seen)])
-
+    report = simulate(rc, tmp_path / "out", ray_address=ray_address, client_mods=[ray_node_mod(seen)])
     assert report["final"]["outcome"] == "completed"
     assert [r["aggregate"] for r in report["rounds"]] == ["applied"]
     assert {d["status"] for d in report["rounds"][0]["departments"].values()} == {"trained"}
     entries = [json.loads(p.read_text()) for p in seen.glob("*.json")]
     assert {e["partition"] for e in entries} == {0, 1}
+    return entries
+
+
+def test_simulation_places_departments_on_both_nodes(cluster: tuple[Cluster, set[str]], tmp_path: Path) -> None:
+    c, node_ids = cluster
+    entries = _run(tmp_path, c.address)
     assert {e["ray_node"] for e in entries} == node_ids  # messages ran on both nodes' actors, on no other node
     assert not ray.is_initialized()  # Flower's runtime disconnected this driver from the cluster ...
     assert c.remaining_processes_alive()  # ... and left the cluster it joined running
+
+
+def test_run_without_address_starts_its_own_ray_beside_the_cluster(cluster: tuple[Cluster, set[str]], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    c, node_ids = cluster
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    entries = _run(tmp_path, None)
+    local = {e["ray_node"] for e in entries}
+    assert len(local) == 1 and not local & node_ids  # one node of its own, none of the cluster's
+    assert c.remaining_processes_alive()
+
+
+def test_cluster_without_room_for_a_department_is_refused_before_the_run(cluster: tuple[Cluster, set[str]],
+                                                                         tmp_path: Path) -> None:
+    c, _ = cluster
+    data = tmp_path / "departments.csv"
+    make_department_frame({"cardiology": 40, "radiology": 40}).to_csv(data, index=False)
+    rc = {**TINY_JOB, "num-server-rounds": 1, "sim-data": str(data)}
+    with pytest.raises(RayClusterError, match=r"No node of the Ray cluster at .* has the 2 CPU\(s\) a department "
+                                              r"takes \(its nodes' CPUs: \[1\.0, 1\.0\]\)"):
+        simulate(rc, tmp_path / "out", ray_address=c.address, cpus_per_department=2.0)
+    assert not (tmp_path / "out").exists()
+    assert not ray.is_initialized() and c.remaining_processes_alive()
