@@ -17,7 +17,7 @@ RAY_ADDRESS_HELP = ("HOST:PORT of a running Ray cluster's head (`ray start --hea
 
 
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("simulate", help="run a federated DP fine-tuning simulation on this machine",
+    p = sub.add_parser("simulate", help="run a federated DP fine-tuning simulation (this machine, or a Ray cluster)",
                        description="Simulate departments with Flower's simulation engine (Ray). Defaults: "
                                    "all-MiniLM-L6-v2 + LoRA, the four Hutto departments, DP eps=8 per site, "
                                    "delta=1e-5, SecAgg+ on.")
