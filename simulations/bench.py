@@ -10,7 +10,8 @@ Parts (each figure a median over repeats, the variants interleaved so that load 
   overhead is about fixed per round, so its fraction depends on how much a department trains;
 - comm: bytes a department sends per round (its update, serialised as Flower serialises it; under SecAgg+ the
   masked, quantised vector built with Flower's own functions), LoRA vs full fine-tuning;
-- scale: 100 departments with tiny-random in one simulation: seconds and peak memory (whole process tree) per round.
+- scale: 100 departments with tiny-random in one simulation: seconds and peak memory (whole process tree) per round;
+  with a Ray address, on that Ray cluster (the memory is then this machine's process tree only).
 """
 
 from __future__ import annotations
@@ -164,8 +165,10 @@ def _sim_config(sim: SimSetup, data: Path, secagg: bool) -> dict[str, bool | int
             "sim-data": str(data), "sim-global-eval": False}
 
 
-def run_sim(sim: SimSetup, secagg: bool, work: Path, tag: str, memory: bool = False) -> dict[str, Any]:
-    """One simulation; per round: fit seconds, the departments' training seconds, peak tree memory."""
+def run_sim(sim: SimSetup, secagg: bool, work: Path, tag: str, memory: bool = False,
+            ray_address: str | None = None) -> dict[str, Any]:
+    """One simulation (on the Ray cluster at `ray_address`, if given); per round: fit seconds, the departments'
+    training seconds, peak tree memory."""
     data = department_data(work / f"data-{sim.departments}x{sim.rows}.csv", sim.departments, sim.rows)
     out = work / tag
     peaks: list[int] = []
@@ -178,7 +181,7 @@ def run_sim(sim: SimSetup, secagg: bool, work: Path, tag: str, memory: bool = Fa
                 peaks.append(sampler.take_peak())
 
         try:
-            report = simulate(_sim_config(sim, data, secagg), out, on_round=on_round)
+            report = simulate(_sim_config(sim, data, secagg), out, on_round=on_round, ray_address=ray_address)
         except RuntimeError as exc:  # Flower's simulation runtime crashed (e.g. Ray's node did not start in time)
             raise BenchError(f"simulation {tag} failed: {exc} ({exc.__cause__})") from exc
     seconds = time.perf_counter() - start
@@ -264,14 +267,14 @@ def bench_overhead(setup: BenchSetup, work: Path) -> dict[str, Any]:
     return {"rows": rows, "repeats": min(s.rounds for s in setup.overhead) - 1}
 
 
-def bench_scale(setup: BenchSetup, work: Path) -> dict[str, Any]:
-    res = run_sim(setup.scale, True, work, "scale", memory=True)
+def bench_scale(setup: BenchSetup, work: Path, ray_address: str | None = None) -> dict[str, Any]:
+    res = run_sim(setup.scale, True, work, "scale", memory=True, ray_address=ray_address)
     peaks = [r["peak_bytes"] for r in res["rounds"] if r["peak_bytes"] is not None]
     growth = (peaks[-1] - peaks[1]) / peaks[1] if len(peaks) >= 3 else None
     return {"setup": asdict(setup.scale), "repeats": setup.scale.rounds - 1,
             "seconds_per_round": _steady(res["rounds"], "round_seconds"),
             "fit_seconds_per_round": _steady(res["rounds"], "fit_seconds"), "peak_bytes_per_round": peaks,
-            "memory_growth_round2_to_last": growth, "run": res}
+            "memory_growth_round2_to_last": growth, "ray_address": ray_address, "run": res}
 
 
 # ---------------------------------------------------------------- communication
@@ -319,10 +322,15 @@ def bench_comm(setup: BenchSetup) -> dict[str, Any]:
 
 
 def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
-              only: Sequence[str] = (), secagg_departments: Sequence[int] = ()) -> dict[str, Any]:
+              only: Sequence[str] = (), secagg_departments: Sequence[int] = (),
+              ray_address: str | None = None) -> dict[str, Any]:
+    """`ray_address`: run the scale part on that Ray cluster (the other parts measure this machine: refused)."""
     unknown = sorted(set(only) - set(PARTS))
     if unknown:
         raise ConfigError(f"Unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}.")
+    if ray_address is not None and set(only) != {"scale"}:
+        raise ConfigError("--ray-address runs the scale part on a Ray cluster; the other parts measure this "
+                          "machine: give --only scale.")
     if repeats is not None and repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
     previous: dict[str, Any] | None = None
@@ -351,7 +359,7 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
     result["parts"] = [p for p in PARTS if p in result or p in parts]
     steps = {"dp": lambda: bench_dp(setup, default_mode), "secagg": lambda: bench_secagg(setup, work),
              "overhead": lambda: bench_overhead(setup, work), "comm": lambda: bench_comm(setup),
-             "scale": lambda: bench_scale(setup, work)}
+             "scale": lambda: bench_scale(setup, work, ray_address)}
     if "dp" in result:  # summaries are derived from the raw repeats, also for a dp part measured earlier
         result["dp"] = summarize_dp(result["dp"])
     for part in parts:
@@ -481,12 +489,14 @@ def _scale_markdown(sc: dict[str, Any], when: str) -> list[str]:
     lines: list[str] = []
     s = sc["setup"]
     peaks = ", ".join(_mib(p) for p in sc["peak_bytes_per_round"])
+    where = f" on the Ray cluster at {sc['ray_address']}" if sc.get("ray_address") else ""
     lines += ["", "### Scale", "", when, "",
               f"{s['departments']} departments, {s['model']}, DP + SecAgg+, {s['rounds']} rounds in one "
-              f"simulation: {_f(sc['seconds_per_round'], '.1f')} s per round (fit + evaluation; fit alone "
+              f"simulation{where}: {_f(sc['seconds_per_round'], '.1f')} s per round (fit + evaluation; fit alone "
               f"{_f(sc['fit_seconds_per_round'], '.1f')} s), median over rounds 2..; peak memory of the whole "
               f"process tree (PSS, sampled every {MEMORY_INTERVAL_SECONDS} s) per round: {peaks}; growth from "
-              f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}."]
+              f"round 2 to the last: {_f(sc['memory_growth_round2_to_last'], '+.1%')}"
+              + (" (this machine's processes only)." if where else ".")]
     return lines
 
 
@@ -518,8 +528,9 @@ def bench_markdown(result: dict[str, Any], only_part: str | None = None) -> str:
 
 
 def run_bench_command(out: Path, *, quick: bool, repeats: int | None, only: Sequence[str], docs: Path | None,
-                      secagg_departments: Sequence[int] = ()) -> str:
-    result = run_bench(out, quick=quick, repeats=repeats, only=only, secagg_departments=secagg_departments)
+                      secagg_departments: Sequence[int] = (), ray_address: str | None = None) -> str:
+    result = run_bench(out, quick=quick, repeats=repeats, only=only, secagg_departments=secagg_departments,
+                       ray_address=ray_address)
     if docs is not None:
         from simulations.docs import update_section
 

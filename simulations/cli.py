@@ -11,9 +11,13 @@ from pathlib import Path
 from common.cli import add_config_option, run_config_from_args
 from common.errors import FedsiloError
 
+RAY_ADDRESS_HELP = ("HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the departments on, "
+                    "instead of a Ray started on this machine (default: $RAY_ADDRESS); every node needs fedsilo "
+                    "installed and the data and output directory at the same paths")
+
 
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("simulate", help="run a federated DP fine-tuning simulation on this machine",
+    p = sub.add_parser("simulate", help="run a federated DP fine-tuning simulation (this machine, or a Ray cluster)",
                        description="Simulate departments with Flower's simulation engine (Ray). Defaults: "
                                    "all-MiniLM-L6-v2 + LoRA, the four Hutto departments, DP eps=8 per site, "
                                    "delta=1e-5, SecAgg+ on.")
@@ -39,6 +43,7 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--resume", type=Path, metavar="OUT",
                    help="continue the interrupted simulation in OUT from its last completed round (other options "
                         "may only repeat its job, except min-departments and round-retries)")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help=RAY_ADDRESS_HELP)
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -75,7 +80,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                                    f"{format_plans(plans)}", markup=False, highlight=False,
                                    soft_wrap=True)
 
-        report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None, on_plans=on_plans)
+        report = simulate(rc, args.out, on_round=on_round, resume=args.resume is not None, on_plans=on_plans,
+                          ray_address=args.ray_address)
     final = report["final"]
     accuracy = final["global_accuracy"]
     print(f"Simulation finished: {len(report['rounds'])} rounds, global held-out accuracy "
@@ -140,6 +146,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--secagg-departments", type=int, action="append", default=[], metavar="N",
                    help="department counts of the secagg part (repeatable; default 4 and 10)")
     p.add_argument("--docs", type=Path, help="also rewrite the bench's section of this markdown file")
+    p.add_argument("--ray-address", metavar="HOST:PORT", help=f"scale part only: {RAY_ADDRESS_HELP}")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -147,7 +154,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import run_bench_command
 
     print(run_bench_command(args.out, quick=args.quick, repeats=args.repeats, only=args.only, docs=args.docs,
-                            secagg_departments=args.secagg_departments), end="")
+                            secagg_departments=args.secagg_departments, ray_address=args.ray_address), end="")
     return 0
 
 

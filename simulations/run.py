@@ -2,13 +2,16 @@
 
 The ServerApp and ClientApp are the same code as in deployment; only where site configs come from differs
 (`client.site.simulated_sites`), and the simulation tells the ServerApp about its departments (`sites_view`).
-Ray is started and shut down by Flower's simulation runtime.
+Ray is started and shut down by Flower's simulation runtime; with a Ray address, Flower's runtime joins that
+cluster instead (`ray.init(address=...)` through the backend config's `init_args`) and, at the end, only
+disconnects from it (`ray.shutdown()` in a driver that joined a cluster leaves the cluster running).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import torch
 from client.app import build_client_app
 from client.compat import Mod
 from client.plan import Plan
+from client.policy import split_address
 from client.site import SiteConfig, preflight_sites, simulated_sites
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
@@ -36,9 +40,81 @@ from server.strategy import CentralEval
 
 log = logging.getLogger(__name__)
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: ray.init() joins the cluster it names
+RAY_LOCAL = "local"  # ray.init's address for "start a new Ray here", whatever cluster this machine last joined
+RAY_CONNECT_TIMEOUT_S = 5.0
+
 
 class SimulationFailedError(FedsiloError):
     """The simulation ran but did not complete its rounds (see the report's per-round errors)."""
+
+
+class RayClusterError(FedsiloError):
+    """The Ray cluster to join is not reachable at the address given."""
+
+
+def check_ray_address(address: str) -> str:
+    """The `host:port` of a Ray head's GCS, checked to accept connections within a few seconds.
+
+    ray.init(address=...) retries an unreachable GCS for minutes before it gives up; this fails fast instead.
+    """
+    try:
+        host, port = split_address(address)
+    except ConfigError as exc:
+        raise ConfigError(f"Ray address {address!r} (--ray-address or ${RAY_ADDRESS_ENV}) must be HOST:PORT of a "
+                          "Ray cluster's head (its GCS, e.g. head.example.org:6379).") from exc
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RayClusterError(f"No Ray cluster reachable at {address} ({exc}); start one with `ray start --head "
+                              f"--port {port}` on {host}, or check the address.") from exc
+    return address
+
+
+def check_ray_cluster(address: str, cpus_per_department: float) -> None:
+    """Join the cluster at `address` once, with Ray's own client, and leave it: refused (typed, at once) where Ray
+    cannot join it (another Ray version, not a Ray head) or where no node has the CPUs of one department.
+
+    Inside Flower's simulation runtime the same failures would crash the runtime while the ServerApp waits for
+    replies (until `stage-timeout`); here they are reported before anything starts.
+    """
+    import ray
+
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="error", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayClusterError(f"Cannot join the Ray cluster at {address}: {exc}") from exc
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()  # a driver that joined a cluster leaves it running
+    # Flower's actor pool: per node, as many actors as the node's CPUs hold departments
+    if not any(int(res.get("CPU", 0) / cpus_per_department) for res in nodes):
+        cpus = [res.get("CPU", 0) for res in nodes]
+        raise RayClusterError(f"No node of the Ray cluster at {address} has the {cpus_per_department:g} CPU(s) a "
+                              f"department takes (its nodes' CPUs: {cpus}); start its nodes with more "
+                              "(`ray start --num-cpus N`).")
+
+
+def backend_config(n_sites: int, cpus_per_department: float, ray_address: str | None) -> dict[str, Any]:
+    """Flower's Ray backend config: per-department resources, and how Ray is started or joined.
+
+    Locally, a new Ray is started with this machine's CPUs (address "local": without it ray.init() would join the
+    cluster a `ray start` on this machine last wrote to /tmp/ray, and refuse `num_cpus`), and each department takes
+    a GPU share where torch sees CUDA.
+    Joining a cluster (`ray_address`), nothing about this machine is passed to Ray: Flower's actor pool is sized
+    by the cluster's nodes' resources, and departments ask for CPUs only (this machine's CUDA says nothing about
+    the nodes').
+    """
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
+    if ray_address is None:
+        gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
+        init_args.update(address=RAY_LOCAL, num_cpus=os.cpu_count() or 1)
+    else:
+        gpus = 0.0
+        init_args["address"] = check_ray_address(ray_address)
+    return {"client_resources": {"num_cpus": cpus_per_department, "num_gpus": gpus}, "init_args": init_args}
 
 
 def central_evaluator(job: JobConfig, sites: Sequence[SiteConfig]) -> CentralEval:
@@ -113,16 +189,23 @@ def department_plans(rc: dict[str, bool | int | float | str], out_dir: Path) -> 
 
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
-             resume: bool = False, client_mods: Sequence[Mod] = (),
+             resume: bool = False, client_mods: Sequence[Mod] = (), ray_address: str | None = None,
              on_plans: Callable[[list[Plan]], None] | None = None) -> dict[str, Any]:
     """Run the simulation (or, with `resume`, continue the one in `out_dir`); returns the report (report.json's
     document; `server.records.load_report` types it).
 
     `client_mods` run around every department's ClientApp (outermost first), as Flower client mods. `on_plans`
     receives the departments' plans (`department_plans`) before training starts (not on resume).
-    Raises on bad config or if the rounds did not complete.
+    `ray_address` (default: $RAY_ADDRESS, as Ray's own): the `host:port` of a running Ray cluster's head to run the
+    departments on, instead of a Ray started on this machine; the cluster keeps running afterwards. Every node
+    must import fedsilo and reach `out_dir` and the data at the same paths.
+    Raises on bad config, an unreachable cluster, or if the rounds did not complete.
     """
+    ray_address = ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
     rc, job, n_sites = prepare(rc, out_dir, resume=resume)
+    backend = backend_config(n_sites, cpus_per_department, ray_address)
+    if ray_address is not None:
+        check_ray_cluster(ray_address, cpus_per_department)
     if on_plans is not None and not resume:
         plans = department_plans(rc, out_dir)
         for plan in plans:
@@ -130,21 +213,17 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
                 log.warning("plan: %s", warning)
         on_plans(plans)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
-    backend_config = {
-        "client_resources": {"num_cpus": cpus_per_department, "num_gpus": gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": "error"},
-    }
     from flwr.simulation import run_simulation
 
     adopt_flower_logger()  # Flower's import added its own console handler: its records are printed once, by ours
 
     log_file = add_log_file(out_dir / LOG_FILE)  # the whole log, Flower's lines included, without colour codes
     try:
-        log.info("simulate: %d departments, %d rounds, out %s", n_sites, job.num_server_rounds, out_dir)
+        log.info("simulate: %d departments, %d rounds, out %s, on %s", n_sites, job.num_server_rounds, out_dir,
+                 f"the Ray cluster at {ray_address}" if ray_address else "a Ray started on this machine")
         run_simulation(server_app=build_server_app(rc, simulated_sites=sites_view, on_round=on_round),
                        client_app=build_client_app(rc, mods=client_mods), num_supernodes=n_sites,
-                       backend_config=backend_config)
+                       backend_config=backend)
     finally:
         remove_log_file(log_file)
     report_path = out_dir / REPORT_JSON

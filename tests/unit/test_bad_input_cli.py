@@ -119,6 +119,13 @@ def _simulate(w: World, data: Path | str | None = None, *extra: str) -> list[str
             "--model", "tiny-random", "-c", "batch-size=8", *extra]
 
 
+def _port_without_listener() -> int:
+    """A loopback port nothing listens on (bound for a moment by this process, then freed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _one_class_csv() -> str:
     frame = make_department_frame(DEPARTMENTS)
     frame.loc[frame["department"] == "oncology", "label"] = "positive"
@@ -206,6 +213,14 @@ CASES: dict[str, tuple[Case, str]] = {
                            "is neither 'minilm', 'tiny-random' nor an existing local directory"),
     "model directory without config": (lambda w, p: _simulate(w, None, "--model", str(w / "model-without-config")),
                                        "has no config.json"),
+    "ray address without a cluster": (lambda w, p: _simulate(w, None, "--ray-address",
+                                                             f"127.0.0.1:{_port_without_listener()}"),
+                                      r"No Ray cluster reachable at 127\.0\.0\.1:\d+"),
+    "ray address malformed": (lambda w, p: _simulate(w, None, "--ray-address", "head-node"),
+                              "Ray address 'head-node' .* must be HOST:PORT"),
+    "bench on a ray cluster beyond the scale part": (lambda w, p: ["bench", "--out", str(w / "new-run"), "--quick",
+                                                                   "--ray-address", "127.0.0.1:6379"],
+                                                     "give --only scale"),
     "output already holds a run": (lambda w, p: ["simulate", "--quiet", "--out", str(w / "previous-run"), "--data",
                                                  str(w / "data.csv")], "already holds a run"),
     # site config and ledger
