@@ -79,6 +79,9 @@ class JobConfig(Settings):
                                         '"full": every weight', choices=FINETUNE_MODES)
     lora_r: int = option(8, help="LoRA rank", gt=0)
     lora_alpha: int = option(16, help="LoRA scaling numerator", gt=0)
+    lora_freeze_a: bool = option(False, help="FFA-LoRA (Sun et al., ICLR 2024): LoRA's A matrices stay at their "
+                                 "seeded initialisation (the same at every department) and only B trains: half the "
+                                 "noised adapter weights, and averaging B across departments is exact")
     max_length: int = option(64, help="tokens per text after truncation", gt=0, le=512)
     batch_size: int = option(64, help="expected (Poisson) batch size of DP-SGD", gt=0)
     learning_rate: float = option(5e-3, help="local learning rate", gt=0)

@@ -146,6 +146,10 @@ def build_model(cfg: JobConfig, num_labels: int) -> BuiltModel:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
                           modules_to_save=["classifier"], task_type="SEQ_CLS", lora_dropout=0.0)
         model = get_peft_model(model, lora)
+        if cfg.lora_freeze_a:  # FFA-LoRA: A is frozen at its seeded value, so it is part of the base fingerprint
+            for name, p in model.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
     return BuiltModel(model=model, tokenizer=tokenizer)
 
 

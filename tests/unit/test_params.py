@@ -185,6 +185,19 @@ def test_lora_rank_shapes() -> None:
     assert all(p.shape[0] == 3 for p in lora_a)
 
 
+def test_ffa_lora_trains_b_only_and_fingerprints_the_frozen_a() -> None:
+    ffa = build_model(JobConfig(model="tiny-random", lora_freeze_a=True), 2)
+    names = trainable_names(ffa.model)
+    assert names and not any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    plain = build_model(JobConfig(model="tiny-random"), 2)
+    assert len(names) == len(trainable_names(plain.model)) - sum("lora_A" in n for n in trainable_names(plain.model))
+    again = build_model(JobConfig(model="tiny-random", lora_freeze_a=True), 2)
+    assert base_fingerprint(again.model) == base_fingerprint(ffa.model)  # every side builds the same frozen A
+    with torch.no_grad():
+        next(p for n, p in again.model.named_parameters() if "lora_A" in n).add_(1.0)
+    assert base_fingerprint(again.model) != base_fingerprint(ffa.model)
+
+
 def test_full_finetune_trains_everything() -> None:
     built = build_model(JobConfig(model="tiny-random", finetune="full"), 3)
     params = list(built.model.named_parameters())
