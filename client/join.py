@@ -41,6 +41,7 @@ from types import FrameType
 
 from client.policy import split_address
 from common.errors import JoinError
+from common.logs import strip_ansi
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ class LineWatch:
 
 def _forward_lines(stream: object, watch: Callable[[str], None]) -> None:
     for line in stream:  # type: ignore[attr-defined]
-        sys.stderr.write(line)
+        sys.stderr.write(strip_ansi(line))  # Flower colours its lines; a site's log is kept in a file
         sys.stderr.flush()
         watch(line)
 
