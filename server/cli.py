@@ -70,9 +70,14 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         try:
             status = follow_job(args.state_dir, run_id, signals, verbose=args.verbose)
         except JobInterruptedError as exc:
-            if (out / CHECKPOINT).exists():
-                print(f"fedsilo: {exc} The rounds it completed are in {out}; continue it with `fedsilo server run "
-                      f"--state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
+            # The checkpoint is written before the first round; the report after each completed one.
+            try:
+                done = len(read_report(out / REPORT_JSON).rounds) if (out / REPORT_JSON).exists() else 0
+            except FedsiloError:  # an unreadable report: say nothing of a resume
+                done = 0
+            if done and (out / CHECKPOINT).exists():
+                print(f"fedsilo: {exc} The {done} round(s) it completed are in {out}; continue it with `fedsilo "
+                      f"server run --state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
             else:
                 print(f"fedsilo: {exc} It had completed no round.", file=sys.stderr)
             return exc.exit_status

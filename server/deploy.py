@@ -409,11 +409,12 @@ def _report_facts(out_dir: str) -> tuple[int | None, int | None, tuple[str, ...]
 
 
 def job_statuses(doc: dict[str, Any], entries: dict[int, JobEntry]) -> list[JobStatus]:
-    """`flwr ls --format json`'s runs, newest first, each with what fedsilo knows of it."""
+    """`flwr ls --format json`'s runs, newest first (by the time Flower queued them: run ids are random), each with
+    what fedsilo knows of it."""
     runs = doc.get("runs")
     if not isinstance(runs, list):
         raise DeploymentError(f"Flower's run list has no runs: {doc}")
-    jobs = []
+    jobs: list[tuple[str, JobStatus]] = []
     for run in runs:
         try:
             run_id = int(run["run-id"])
@@ -421,14 +422,16 @@ def job_statuses(doc: dict[str, Any], entries: dict[int, JobEntry]) -> list[JobS
         except (KeyError, TypeError, ValueError) as exc:
             raise DeploymentError(f"Flower's run list has a malformed run: {run}") from exc
         elapsed = run.get("elapsed")
+        queued = str(run.get("pending-at") or "")  # Flower's ISO 8601 UTC text: sorts as the times do
+        queued = "" if queued == "N/A" else queued  # Flower's text for no time
         entry = entries.get(run_id)
         if entry is None:
-            jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None))
+            jobs.append((queued, JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None)))
             continue
         done, asked, departments, outcome = _report_facts(entry.out_dir)
-        jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None, entry.out_dir,
-                              done, asked or entry.rounds, departments, outcome))
-    return sorted(jobs, key=lambda job: job.run_id, reverse=True)
+        jobs.append((queued, JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None,
+                                       entry.out_dir, done, asked or entry.rounds, departments, outcome)))
+    return [job for _, job in sorted(jobs, key=lambda pair: (pair[0], pair[1].run_id), reverse=True)]
 
 
 def _duration(seconds: float | None) -> str:

@@ -131,7 +131,12 @@ def test_jobs_show_flowers_status_with_rounds_and_departments_from_the_report(tm
     assert sorted(entries) == [1, 2, 3]
     doc = json.loads(_ls_answer((1, "running"), (2, "finished:completed"), (3, "pending"), (9, "finished:stopped")))
     jobs = {job.run_id: job for job in job_statuses(doc, entries)}
-    assert [j.run_id for j in job_statuses(doc, entries)] == [9, 3, 2, 1]  # newest first
+    assert [j.run_id for j in job_statuses(doc, entries)] == [9, 3, 2, 1]  # no times: by run id
+    queued = {1: "2026-12-07 14:02:15Z", 2: "2026-12-07 13:58:01Z", 3: "2026-12-07 14:10:00Z",
+              9: "2026-12-07 09:00:00Z"}
+    for run in doc["runs"]:
+        run["pending-at"] = queued[int(run["run-id"])]
+    assert [j.run_id for j in job_statuses(doc, entries)] == [3, 1, 2, 9]  # newest first: run ids are random
     assert (jobs[1].rounds_done, jobs[1].rounds_asked, jobs[1].outcome) == (1, 5, None)
     assert jobs[1].departments == ("cardiology", "oncology", "radiology")
     assert (jobs[2].rounds_done, jobs[2].outcome) == (2, "ended_early")

@@ -177,3 +177,17 @@ def test_app_logging_prints_fedsilo_info_once_in_fedsilo_format(capsys: pytest.C
     assert err[0].endswith("INFO server.recording: round 1/3: done")
     assert err[1].endswith("WARNING server.strategy: no department trained")
     assert err[2].endswith("WARNING some.lib: careful")
+
+
+def test_the_sites_gate_keeps_httpx_requests_and_flowers_second_copy_out_of_the_sites_log() -> None:
+    from client.gate import configure_gate_logging
+
+    flower, httpx = logging.getLogger("flwr"), logging.getLogger("httpx")
+    saved = (flower.propagate, httpx.level)
+    try:
+        configure_gate_logging()
+        assert not httpx.isEnabledFor(logging.INFO) and httpx.isEnabledFor(logging.WARNING)
+        assert flower.propagate is False
+    finally:
+        flower.propagate, _ = saved
+        httpx.setLevel(saved[1])
