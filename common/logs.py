@@ -62,10 +62,11 @@ def configure_logging(verbose: bool = False) -> logging.Handler:
 
 
 def unconfigure_logging() -> None:
-    """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process)."""
+    """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process), and
+    `configure_app_logging`'s, which a ServerApp run in this process without the entry point left (a test's)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_fedsilo", False):
+        if getattr(handler, "_fedsilo", False) or getattr(handler, "_fedsilo_app", False):
             root.removeHandler(handler)
 
 

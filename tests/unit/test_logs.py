@@ -163,6 +163,10 @@ def test_app_logging_prints_fedsilo_info_once_in_fedsilo_format(capsys: pytest.C
         logging.getLogger("httpx").info("HTTP Request")
         logging.getLogger("some.lib").warning("careful")
         err = capsys.readouterr().err.splitlines()
+        logs.configure_logging()  # the entry point after a ServerApp ran in-process: its handler only, no second
+        logging.getLogger("server.recording").info("round 2/3: done")
+        assert capsys.readouterr().err.count("round 2/3: done") == 1
+        logs.unconfigure_logging()
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
