@@ -132,6 +132,15 @@ def run(runtime_api_address: str, token: str, insecure: bool, certificates: byte
     return 0 if status == SubStatus.COMPLETED else 1
 
 
+def configure_gate_logging() -> None:
+    """The gate's lines in the site's log: fedsilo's from INFO, other libraries' warnings. httpx logs each Runtime
+    API request at INFO (dozens per message), and Flower's records are printed by its own console handler (through
+    the root handler too, they came twice, with Flower's DEBUG records)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=FLOWER_CLIENTAPP, description="fedsilo's site-approved ClientApp process")
     parser.add_argument("--runtime-api-address", required=True)
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # die with the SuperNode
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_gate_logging()
     if getattr(args, "runtime_dependency_install", False):
         raise PolicyError("Runtime dependency installation is not allowed at a fedsilo site.")
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)

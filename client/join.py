@@ -22,7 +22,10 @@ Four join failures look alike in Flower 1.41's SuperNode (a TLS error retried, o
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -38,6 +41,7 @@ from types import FrameType
 
 from client.policy import split_address
 from common.errors import JoinError
+from common.logs import strip_ansi
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ CONNECTION_FAILED = "Failed to initialize the connection to the SuperLink"  # th
 HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READER_JOIN_S = 5.0  # after the SuperNode exits: its last lines; a helper that kept the pipe open is not waited for
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Outcome(Enum):
@@ -287,7 +292,7 @@ class LineWatch:
 
 def _forward_lines(stream: object, watch: Callable[[str], None]) -> None:
     for line in stream:  # type: ignore[attr-defined]
-        sys.stderr.write(line)
+        sys.stderr.write(strip_ansi(line))  # Flower colours its lines; a site's log is kept in a file
         sys.stderr.flush()
         watch(line)
 
@@ -297,13 +302,38 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def parent_death_signal(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child sent `signum` when fedsilo dies, also by SIGKILL, which fedsilo cannot
+    forward (Linux's PR_SET_PDEATHSIG); None where the platform has no such call (the child then outlives a
+    SIGKILLed fedsilo). libc is looked up here, in the parent: the function run between fork and exec only calls it.
+
+    Linux sends the signal when the thread that started the child ends: `supervise` runs on the main thread, which
+    ends only with the process. A parent that dies before the call is caught by the parent id check."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        log.warning("prctl is not available: a SuperNode would outlive a SIGKILLed `fedsilo client start`")
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # fedsilo died before the call: nobody would send the signal
+            os.kill(os.getpid(), signum)
+
+    return set_death_signal
+
+
 def supervise(cmd: list[str], env: dict[str, str], watch: Callable[[str], None]) -> int:
     """Run `cmd` as a child: its stderr forwarded line by line (and shown to `watch`), SIGINT/SIGTERM/SIGHUP passed
     on to it; returns its exit status. The child has its own process group, so a Ctrl-C reaches it once (through
     fedsilo), not twice: Flower's SuperNode handles the first signal and restores Python's default handlers, so a
-    second one would interrupt its sign-off at the server."""
+    second one would interrupt its sign-off at the server. Should fedsilo be SIGKILLed (no signal to forward), the
+    child gets a SIGTERM from the kernel (`parent_death_signal`), so that no SuperNode is left serving the site."""
     child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
-                             process_group=0)
+                             process_group=0, preexec_fn=parent_death_signal())  # only prctl: see parent_death_signal
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flwr.cli.build import build_fab_from_disk, build_fab_from_files
     from flwr.cli.utils import collect_files
+    from flwr.common.logger import update_console_handler
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         factor_combine,
         parameters_addition,
@@ -75,9 +76,11 @@ FLOWER_NAMES: dict[str, str] = {
     "parameters_multiply": f"{_SECAGG}.ndarrays_arithmetic:parameters_multiply",
     "quantize": f"{_SECAGG}.quantization:quantize",
     "pseudo_rand_gen": f"{_SECAGG}.secaggplus_utils:pseudo_rand_gen",
+    # Flower's console handler without colour codes in the ServerApp's process (common.logs)
+    "update_console_handler": "flwr.common.logger:update_console_handler",
 }
 __all__ = ["FLOWER_NAMES", "FlowerCompatError", "build_fab_from_disk", "build_fab_from_files", "collect_files",
            "factor_combine", "lazy_names", "parameters_addition", "parameters_mod", "parameters_multiply",
-           "pseudo_rand_gen", "quantize", "resolve"]
+           "pseudo_rand_gen", "quantize", "resolve", "update_console_handler"]
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -10,13 +10,17 @@ progress bars (one per weight load, in every message of every department) are sw
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE = "fedsilo.log"  # in a run's directory: its whole log (what the console filters out included)
 FLOWER_LOGGER = "flwr"
+OWN_PACKAGES = frozenset({"server", "client", "common", "simulations"})  # fedsilo's loggers are named after modules
 
 # Flower's own messages that say nothing to a fedsilo user by default (shown with --verbose).
 _FLOWER_QUIET_BELOW = logging.WARNING
@@ -58,10 +62,11 @@ def configure_logging(verbose: bool = False) -> logging.Handler:
 
 
 def unconfigure_logging() -> None:
-    """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process)."""
+    """Remove `configure_logging`'s handler (the entry point does when it returns: tests call it in-process), and
+    `configure_app_logging`'s, which a ServerApp run in this process without the entry point left (a test's)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_fedsilo", False):
+        if getattr(handler, "_fedsilo", False) or getattr(handler, "_fedsilo_app", False):
             root.removeHandler(handler)
 
 
@@ -77,12 +82,19 @@ def adopt_flower_logger() -> None:
     flower.propagate = True
 
 
+class PlainFormatter(logging.Formatter):
+    """fedsilo's format without ANSI escape codes, which some libraries put in their messages: for log files."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return strip_ansi(super().format(record))
+
+
 def add_log_file(path: Path) -> logging.Handler:
     """Append every record the root logger passes (INFO; DEBUG with --verbose), Flower's included, to `path` as
     plain text, in addition to the console."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(PlainFormatter(FORMAT))
     handler.setLevel(logging.DEBUG)
     logging.getLogger().addHandler(handler)
     return handler
@@ -118,3 +130,103 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     # transformers 5 deprecates `is_gradient_checkpointing`, which peft/opacus still read; nothing to change here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+# ANSI escape sequences: CSI (colours, `\x1b[92m`), OSC (`\x1b]...BEL`) and two-character escapes. Flower colours
+# its console lines whether or not they go to a terminal.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without ANSI escape sequences (colour codes): what fedsilo prints or writes of other tools' output."""
+    return _ANSI.sub("", text)
+
+
+def is_own(record: logging.LogRecord) -> bool:
+    """A record of fedsilo's own loggers."""
+    return record.name.split(".", 1)[0] in OWN_PACKAGES
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    """fedsilo's records, and other libraries' warnings; not Flower's, which its own console handler prints."""
+    return is_own(record) or (record.levelno >= logging.WARNING and not record.name.startswith(FLOWER_LOGGER))
+
+
+def configure_app_logging() -> None:
+    """In a process fedsilo's entry point did not configure (the ServerApp's under the SuperLink, whose output is
+    the job's log): one handler on stderr for fedsilo's own records from INFO up and other libraries' warnings, in
+    fedsilo's format (which `JobLogFilter` recognises). It takes the place of the handler Opacus' import installs
+    (which printed fedsilo's warnings in its own format and dropped its INFO lines, the per-round summary among
+    them). Nothing in a process `configure_logging` configured (a simulation), or on a second call."""
+    root = logging.getLogger()
+    if any(getattr(h, "_fedsilo", False) or getattr(h, "_fedsilo_app", False) for h in root.handlers):
+        return
+    for other in list(root.handlers):
+        if other.formatter is not None and other.formatter._fmt == _OPACUS_FORMAT:
+            root.removeHandler(other)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(logging.INFO)
+    handler.addFilter(_own_or_warning)
+    handler._fedsilo_app = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    from common.compat import update_console_handler
+
+    update_console_handler(colored=False)  # the job's log is text that `server logs` prints and files keep
+
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR,
+           "CRITICAL": logging.CRITICAL}
+# The line formats a job's log holds: fedsilo's (FORMAT, with the logger's name), Flower's console format
+# ("INFO :      text"), Opacus' basicConfig format and Python's default one.
+_OWN_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<name>[\w.]+): ")
+_OTHER_LINES = (re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s"),
+                re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(?P<level>[A-Z]+):"),
+                re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]*:"))
+_CONTINUATION = re.compile(r"^(?:\s|Traceback |During handling|The above exception|[\w.]+(?:Error|Exception)\b)")
+DROPPED_TAIL = 20  # lines the default view dropped, shown when the tool that printed them failed
+
+
+class JobLogFilter:
+    """What fedsilo prints of a job's log (Flower's `flwr log`): colour codes stripped, a line repeated at once
+    printed once, and by default only fedsilo's own records (one line per round, the job's start and end, its
+    warnings) and other libraries' warnings and errors, each with its traceback; `verbose` keeps every line.
+
+    The dropped lines' tail is kept (`dropped`), for a caller to show when the tool that printed them failed."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.dropped: deque[str] = deque(maxlen=DROPPED_TAIL)
+        self._previous: str | None = None
+        self._keeping = False  # the last record was kept: its continuation lines (a traceback) are too
+
+    def keep(self, line: str) -> bool:
+        """Whether the default view keeps `line` (colour codes already stripped)."""
+        own = _OWN_LINE.match(line)
+        if own is not None:
+            self._keeping = (own["name"].split(".", 1)[0] in OWN_PACKAGES
+                             or _LEVELS.get(own["level"], logging.INFO) >= logging.WARNING)
+            return self._keeping
+        for pattern in _OTHER_LINES:
+            other = pattern.match(line)
+            if other is not None:
+                self._keeping = _LEVELS[other["level"]] >= logging.WARNING
+                return self._keeping
+        if line.strip() and _CONTINUATION.match(line):
+            return self._keeping
+        self._keeping = False
+        return False
+
+    def lines(self, raw: Iterable[str]) -> Iterator[str]:
+        """The lines to print (without line ends) of `raw`."""
+        for text in raw:
+            line = strip_ansi(text).rstrip("\r\n")
+            if line == self._previous:
+                continue
+            self._previous = line
+            if self.verbose or self.keep(line):
+                yield line
+            else:
+                self.dropped.append(line)

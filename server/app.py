@@ -15,6 +15,7 @@ from common.accountant_check import privacy_statement
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
 from common.errors import JobEndedEarlyError
+from common.logs import configure_app_logging
 from common.memory import PeakMemoryMonitor
 from common.model import base_fingerprint, build_model
 from common.params import get_trainable
@@ -66,6 +67,7 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        configure_app_logging()  # under a SuperLink: fedsilo's lines (one per round) in the job's log
         rc = {**context.run_config, **fixed}
         job, sim = resolve_job(rc)
         out_dir = run_out_dir(job.out_dir, context.run_id)

@@ -68,11 +68,16 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         print(f"fedsilo: job {run_id} submitted; following its log (Ctrl-C stops the job on the server; "
               "--detach leaves a job running)", file=sys.stderr, flush=True)
         try:
-            status = follow_job(args.state_dir, run_id, signals)
+            status = follow_job(args.state_dir, run_id, signals, verbose=args.verbose)
         except JobInterruptedError as exc:
-            if (out / CHECKPOINT).exists():
-                print(f"fedsilo: {exc} The rounds it completed are in {out}; continue it with `fedsilo server run "
-                      f"--state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
+            # The checkpoint is written before the first round; the report after each completed one.
+            try:
+                done = len(read_report(out / REPORT_JSON).rounds) if (out / REPORT_JSON).exists() else 0
+            except FedsiloError:  # an unreadable report: say nothing of a resume
+                done = 0
+            if done and (out / CHECKPOINT).exists():
+                print(f"fedsilo: {exc} The {done} round(s) it completed are in {out}; continue it with `fedsilo "
+                      f"server run --state-dir {state} --resume {shlex.quote(str(out))}`.", file=sys.stderr)
             else:
                 print(f"fedsilo: {exc} It had completed no round.", file=sys.stderr)
             return exc.exit_status
@@ -112,8 +117,15 @@ def _cmd_server_stop(args: argparse.Namespace) -> int:
 def _cmd_server_logs(args: argparse.Namespace) -> int:
     from server.deploy import show_logs
 
-    status = show_logs(args.state_dir, args.run_id, follow=args.follow)
+    status = show_logs(args.state_dir, args.run_id, follow=args.follow, verbose=args.verbose)
     return 0 if status == 0 else EXIT_ERROR
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` after the command too (`fedsilo -v` before it sets the same): the job's whole log."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="print the job's whole log (Flower's lines included); by default fedsilo's own lines "
+                             "(one per round, the job's start and end) and warnings")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -156,6 +168,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     run.add_argument("--detach", action="store_true",
                      help="submit the job, print its run id and return; it runs on until it ends (follow it with "
                           "`server logs`, stop it with `server stop`). Without it, Ctrl-C or SIGTERM stops the job")
+    _add_verbose(run)
     run.set_defaults(func=_cmd_server_run)
     jobs = ssub.add_parser("jobs", help="list the server's jobs: run id, status, rounds done, departments, out dir")
     jobs.add_argument("--state-dir", type=Path, required=True)
@@ -165,8 +178,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     stop.add_argument("--state-dir", type=Path, required=True)
     stop.add_argument("run_id", type=int, metavar="RUN_ID", help="the job's run id (`server jobs`)")
     stop.set_defaults(func=_cmd_server_stop)
-    logs = ssub.add_parser("logs", help="print a job's server log (ServerApp)")
+    logs = ssub.add_parser("logs", help="print a job's server log (ServerApp): fedsilo's lines, or --verbose all")
     logs.add_argument("--state-dir", type=Path, required=True)
     logs.add_argument("run_id", type=int, metavar="RUN_ID", help="the job's run id (`server jobs`)")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    _add_verbose(logs)
     logs.set_defaults(func=_cmd_server_logs)

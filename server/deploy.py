@@ -7,6 +7,7 @@ operator's `flwr` connection lives in `<state-dir>/flwr-home/config.toml` (Flowe
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -30,6 +31,7 @@ from common.certs import check_certificate, check_key_matches
 from common.config import JobConfig, RunConfig, check_known_keys
 from common.errors import ConfigError, JobInterruptedError
 from common.files import PRIVATE_MODE, exclusive_lock, write_atomic
+from common.logs import JobLogFilter
 from common.runtime import DeploymentError, check_port_free, flower_tool, tool_env
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,15 @@ def _flwr(state: ServerState, *args: str, capture: bool = True, own_session: boo
     except subprocess.TimeoutExpired as exc:
         raise DeploymentError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s: is the server running "
                               f"(`fedsilo server start --state-dir {state.root}`)?") from exc
+
+
+def _flwr_lines(state: ServerState, *args: str, own_session: bool = False) -> subprocess.Popen[str]:
+    """`flwr ARGS` started with its output (stdout and stderr) to be read line by line, as it comes."""
+    state.require_connection()
+    cmd = [flower_tool("flwr"), *args]
+    log.debug("flwr: %s", shlex.join(cmd))
+    return subprocess.Popen(cmd, env=state.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=own_session)
 
 
 NODE_NAMES = "node-names.json"  # in the state directory: node id -> the name given at registration
@@ -398,11 +409,12 @@ def _report_facts(out_dir: str) -> tuple[int | None, int | None, tuple[str, ...]
 
 
 def job_statuses(doc: dict[str, Any], entries: dict[int, JobEntry]) -> list[JobStatus]:
-    """`flwr ls --format json`'s runs, newest first, each with what fedsilo knows of it."""
+    """`flwr ls --format json`'s runs, newest first (by the time Flower queued them: run ids are random), each with
+    what fedsilo knows of it."""
     runs = doc.get("runs")
     if not isinstance(runs, list):
         raise DeploymentError(f"Flower's run list has no runs: {doc}")
-    jobs = []
+    jobs: list[tuple[str, JobStatus]] = []
     for run in runs:
         try:
             run_id = int(run["run-id"])
@@ -410,14 +422,16 @@ def job_statuses(doc: dict[str, Any], entries: dict[int, JobEntry]) -> list[JobS
         except (KeyError, TypeError, ValueError) as exc:
             raise DeploymentError(f"Flower's run list has a malformed run: {run}") from exc
         elapsed = run.get("elapsed")
+        queued = str(run.get("pending-at") or "")  # Flower's ISO 8601 UTC text: sorts as the times do
+        queued = "" if queued == "N/A" else queued  # Flower's text for no time
         entry = entries.get(run_id)
         if entry is None:
-            jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None))
+            jobs.append((queued, JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None)))
             continue
         done, asked, departments, outcome = _report_facts(entry.out_dir)
-        jobs.append(JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None, entry.out_dir,
-                              done, asked or entry.rounds, departments, outcome))
-    return sorted(jobs, key=lambda job: job.run_id, reverse=True)
+        jobs.append((queued, JobStatus(run_id, status, elapsed if isinstance(elapsed, int | float) else None,
+                                       entry.out_dir, done, asked or entry.rounds, departments, outcome)))
+    return [job for _, job in sorted(jobs, key=lambda pair: (pair[0], pair[1].run_id), reverse=True)]
 
 
 def _duration(seconds: float | None) -> str:
@@ -460,11 +474,32 @@ def stop_job(state_dir: Path, run_id: int) -> None:
     flwr_json(proc, f"Stopping job {run_id}")
 
 
-def show_logs(state_dir: Path, run_id: int, *, follow: bool = False) -> int:
-    """Print a job's ServerApp log (Flower's `flwr log`): what it logged so far, or (`follow`) stream it until the
-    job ends. Flower's exit status."""
-    return _flwr(ServerState(state_dir), "log", str(run_id), CONNECTION, "--stream" if follow else "--show",
-                 capture=False).returncode
+def print_job_log(state: ServerState, run_id: int, *, follow: bool, verbose: bool = False,
+                  own_session: bool = False) -> int:
+    """Print a job's ServerApp log (Flower's `flwr log`) through `JobLogFilter`: no colour codes, no line twice, by
+    default fedsilo's own lines (one per round, the job's start and end) and warnings, everything with `verbose`.
+    Flower's exit status; when it is not 0, the lines the filter dropped last are printed to stderr (Flower's
+    reason). The `flwr` process is killed should this be interrupted (`JobSignals`)."""
+    view = JobLogFilter(verbose)
+    proc = _flwr_lines(state, "log", str(run_id), CONNECTION, "--stream" if follow else "--show",
+                       own_session=own_session)
+    try:
+        assert proc.stdout is not None  # noqa: S101 (stdout=PIPE)
+        for line in view.lines(proc.stdout):
+            print(line, flush=True)
+        status = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if status != 0 and view.dropped:
+        print("\n".join(view.dropped), file=sys.stderr)
+    return status
+
+
+def show_logs(state_dir: Path, run_id: int, *, follow: bool = False, verbose: bool = False) -> int:
+    """Print a job's ServerApp log: what it logged so far, or (`follow`) until the job ends (`print_job_log`)."""
+    return print_job_log(ServerState(state_dir), run_id, follow=follow, verbose=verbose)
 
 
 class _Signalled(BaseException):
@@ -517,8 +552,6 @@ class JobSignals:
         self.armed = False
 
 
-def _stream_job(state: ServerState, run_id: int) -> int:
-    return _flwr(state, "log", str(run_id), CONNECTION, "--stream", capture=False, own_session=True).returncode
 
 
 def _stop_run(state: ServerState, run_id: int) -> None:
@@ -526,11 +559,14 @@ def _stop_run(state: ServerState, run_id: int) -> None:
 
 
 def follow_job(state_dir: Path, run_id: int, signals: JobSignals,
-               stream: Callable[[ServerState, int], int] = _stream_job,
-               stop: Callable[[ServerState, int], None] = _stop_run) -> int:
-    """Stream the job's log until it ends (Flower's exit status). A SIGINT or SIGTERM, also one received while the
-    job was submitted, stops the job on the server and raises JobInterruptedError (exit status 128 + signal)."""
+               stream: Callable[[ServerState, int], int] | None = None,
+               stop: Callable[[ServerState, int], None] = _stop_run, *, verbose: bool = False) -> int:
+    """Stream the job's log until it ends (Flower's exit status; `print_job_log`, `verbose` for every line). A
+    SIGINT or SIGTERM, also one received while the job was submitted, stops the job on the server and raises
+    JobInterruptedError (exit status 128 + signal)."""
     state = ServerState(state_dir)
+    if stream is None:
+        stream = functools.partial(print_job_log, follow=True, verbose=verbose, own_session=True)
     try:
         signals.arm()
         return stream(state, run_id)

@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_superlink_lifespan_config()
     app = OperatorOnly(create_app(config, SuperLinkLifespan), networks)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Flower's records are printed by its own console handler, without colour codes (this output is the server's
+    # log: a file, a journal), and not again by the root handler above (which printed each twice, and Flower's
+    # DEBUG records, a poll every second).
+    console_handler.colored = False
+    logging.getLogger("flwr").propagate = False
     log.info("superlink: Fleet API open on %s:%s; Control and Runtime APIs for this host%s", config.host,
              config.port, "".join(f", {n}" for n in networks))
     uvicorn.run(app=app, host=config.host, port=config.port, reload=False, access_log=True,

@@ -2,13 +2,14 @@
 SuperNodes started with `fedsilo client start`):
 
 - `server run --detach` submits a job and returns at once with its run id; `server jobs` lists it running with its
-  out dir and rounds asked, `server logs` prints its server log, `server stop` stops it and Flower then reports it
-  finished:stopped;
+  out dir and rounds asked, `server logs` prints fedsilo's lines of its server log (`--verbose`: every line; no
+  colour codes, no line twice), `server stop` stops it and Flower then reports it finished:stopped;
 - SIGTERM to a `server run` that follows its job stops the job on the server and exits 143.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -93,9 +94,21 @@ def test_a_detached_job_is_listed_logged_and_stopped(deployment: dict, tmp_path:
     assert re.search(rf"^{run_id}\s+running\s+\d+/30\s.*{re.escape(str(out))}$", table.stdout, re.MULTILINE), \
         table.stdout
 
+    # `server logs`: by default fedsilo's own lines (the ServerApp's start line among them), no Flower chatter;
+    # --verbose every line; never a colour code, never a line twice in a row.
+    def job_started() -> bool:
+        return "server: job with 30 rounds" in _fedsilo(deployment, "logs", run_id).stdout
+
+    _wait("the ServerApp's first line in the job's log", job_started, timeout=180)
     logs = _fedsilo(deployment, "logs", run_id)
-    assert logs.returncode == 0, logs.stderr
-    assert logs.stdout.strip(), logs.stderr
+    verbose = _fedsilo(deployment, "logs", run_id, "--verbose")
+    for shown in (logs, verbose):
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert "\x1b[" not in shown.stdout + shown.stderr, shown.stdout
+        assert all(a != b for a, b in itertools.pairwise(lines)), shown.stdout
+    assert "Using SuperLink" not in logs.stdout and "Using SuperLink" in verbose.stdout
+    assert len(verbose.stdout.splitlines()) > len(logs.stdout.splitlines())
 
     stopped = _fedsilo(deployment, "stop", run_id)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

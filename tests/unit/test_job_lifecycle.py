@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -58,6 +59,26 @@ class FakeFlwr:
             signal.raise_signal(self.on_call[args[0]])
         return self.answers[args[0]]
 
+    def lines(self, state: ServerState, *args: str, **kwargs: object) -> FakePopen:
+        """`server.deploy._flwr_lines`: the same answer, as a process whose output is read line by line."""
+        answer = self(state, *args, **kwargs)
+        return FakePopen(answer.stdout + answer.stderr, answer.returncode)
+
+
+class FakePopen:
+    def __init__(self, output: str, returncode: int) -> None:
+        self.stdout = io.StringIO(output)
+        self.returncode = returncode
+
+    def wait(self) -> int:
+        return self.returncode
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def kill(self) -> None:
+        raise AssertionError("a finished process is not killed")
+
 
 # Flower's JSON answers (rich pretty-prints them; a warning may come before).
 RUN_ANSWER = json.dumps({"success": True, "run-id": str(RUN_ID), "federation-id": "", "fab-id": "fedsilo/fedsilo"},
@@ -110,7 +131,12 @@ def test_jobs_show_flowers_status_with_rounds_and_departments_from_the_report(tm
     assert sorted(entries) == [1, 2, 3]
     doc = json.loads(_ls_answer((1, "running"), (2, "finished:completed"), (3, "pending"), (9, "finished:stopped")))
     jobs = {job.run_id: job for job in job_statuses(doc, entries)}
-    assert [j.run_id for j in job_statuses(doc, entries)] == [9, 3, 2, 1]  # newest first
+    assert [j.run_id for j in job_statuses(doc, entries)] == [9, 3, 2, 1]  # no times: by run id
+    queued = {1: "2026-12-07 14:02:15Z", 2: "2026-12-07 13:58:01Z", 3: "2026-12-07 14:10:00Z",
+              9: "2026-12-07 09:00:00Z"}
+    for run in doc["runs"]:
+        run["pending-at"] = queued[int(run["run-id"])]
+    assert [j.run_id for j in job_statuses(doc, entries)] == [3, 1, 2, 9]  # newest first: run ids are random
     assert (jobs[1].rounds_done, jobs[1].rounds_asked, jobs[1].outcome) == (1, 5, None)
     assert jobs[1].departments == ("cardiology", "oncology", "radiology")
     assert (jobs[2].rounds_done, jobs[2].outcome) == (2, "ended_early")
@@ -131,6 +157,7 @@ def test_server_jobs_stop_and_logs_call_flower_on_fedsilos_connection(tmp_path: 
     fake = FakeFlwr({"ls": _proc(_ls_answer((RUN_ID, "running"))), "stop": _proc(json.dumps({"success": True})),
                      "log": _proc("", 0)})
     monkeypatch.setattr(deploy, "_flwr", fake)
+    monkeypatch.setattr(deploy, "_flwr_lines", fake.lines)
     assert main(["server", "jobs", "--state-dir", str(state.root), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["jobs"]
     assert listed[0]["run-id"] == RUN_ID and listed[0]["status"] == "running"
@@ -152,6 +179,7 @@ def test_server_run_detach_submits_records_the_job_and_says_how_to_follow_it(
     state = _state(tmp_path)
     fake = FakeFlwr({"run": _proc(RUN_ANSWER)})
     monkeypatch.setattr(deploy, "_flwr", fake)
+    monkeypatch.setattr(deploy, "_flwr_lines", fake.lines)
     out = tmp_path / "out"
     assert main(["server", "run", "--state-dir", str(state.root), "--out", str(out), "--labels", "a,b",
                  "--model", "tiny-random", "--rounds", "3", "--detach"]) == 0
@@ -240,6 +268,7 @@ def test_server_run_stopped_by_sigterm_while_following_exits_143(tmp_path: Path,
     fake = FakeFlwr({"run": _proc(RUN_ANSWER), "log": _proc("", 0), "stop": _proc(json.dumps({"success": True}))},
                     on_call={"log": signal.SIGTERM})
     monkeypatch.setattr(deploy, "_flwr", fake)
+    monkeypatch.setattr(deploy, "_flwr_lines", fake.lines)
     previous = signal.getsignal(signal.SIGTERM)
     assert main(["server", "run", "--state-dir", str(state.root), "--out", str(tmp_path / "out"), "--labels", "a,b",
                  "--model", "tiny-random"]) == 143
@@ -249,3 +278,26 @@ def test_server_run_stopped_by_sigterm_while_following_exits_143(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"fedsilo: SIGTERM: stopped job {RUN_ID} on the server. It had completed no round." in err
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+COLOURED_LOG = ("Using SuperLink: fedsilo (127.0.0.1:47100)\n"
+                "\x1b[92mINFO \x1b[0m:      [ROUND 1]\n"
+                "2026-12-07 13:48:19,300 INFO server.recording: round 1/3: 17.2s, global accuracy 0.5\n"
+                "2026-12-07 13:48:19,300 INFO server.recording: round 1/3: 17.2s, global accuracy 0.5\n")
+
+
+def test_server_logs_prints_fedsilos_lines_once_without_colour_and_flowers_reason_when_it_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    state = _state(tmp_path)
+    fake = FakeFlwr({"log": _proc(COLOURED_LOG, 0)})
+    monkeypatch.setattr(deploy, "_flwr_lines", fake.lines)
+    assert main(["server", "logs", "--state-dir", str(state.root), str(RUN_ID)]) == 0
+    assert capsys.readouterr().out == ("2026-12-07 13:48:19,300 INFO server.recording: round 1/3: 17.2s, global "
+                                       "accuracy 0.5\n")
+    assert main(["server", "logs", "--state-dir", str(state.root), str(RUN_ID), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["Using SuperLink: fedsilo (127.0.0.1:47100)", "INFO :      [ROUND 1]"]
+    assert len(out.splitlines()) == 3 and "\x1b" not in out
+    fake.answers["log"] = _proc("Using SuperLink: fedsilo (127.0.0.1:47100)\n❌ Run ID 9 not found\n", 1)
+    assert main(["server", "logs", "--state-dir", str(state.root), "9"]) == EXIT_ERROR
+    assert "Run ID 9 not found" in capsys.readouterr().err
