@@ -165,6 +165,14 @@ def test_department_killed_mid_round_drops_out_and_rejoins(deployment: Deploymen
             assert first["departments"][name]["status"] == "trained"
     assert second["aggregate"] == "applied"
     assert report["final"]["rounds_completed"] == 2 and report["final"]["secure_aggregation"] is True
+    # Round 1 trains the head alone (the probe), round 2 fine-tunes; each department's plan, sent with its first
+    # training reply (the victim's: round 2's, with fine-tuning only left), is in the report.
+    assert {first["departments"][n]["phase"] for n in DEPARTMENTS if n != victim} == {"probe"}
+    assert {second["departments"][n]["phase"] for n in DEPARTMENTS} == {"finetune"}
+    for name in DEPARTMENTS:
+        plan = report["departments"][name]["plan"]
+        assert plan["site"] == name and plan["phases"][-1]["phase"] == "finetune"
+        assert [p["phase"] for p in plan["phases"]] == (["finetune"] if name == victim else ["probe", "finetune"])
     _assert_ledgers_cover(d, report, 2)
     server_fingerprint = load_certificate(d.certs / SERVER_CERT).fingerprint(hashes.SHA256()).hex()
     for name in DEPARTMENTS:
