@@ -352,7 +352,7 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     # the sites allow plain jobs (require_secagg = false): the part compares rounds with and without SecAgg+
     with local_deployment(work / "deploy", data, policy=policy, epsilon=DEPLOY_SITE_EPSILON,
-                          require_secagg=False) as deployment:
+                          require_secagg=False, warm_worker=True) as deployment:
         for secagg in secagg_order(d.runs):
             tag = f"deploy-{'on' if secagg else 'off'}-{len(runs[secagg]) + 1}"
             start = time.perf_counter()
@@ -365,7 +365,7 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
     def median(secagg: bool, key: str) -> float | None:
         return _median([x[key] for x in steady[secagg] if x[key] is not None])
 
-    out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1),
+    out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1), "warm_worker": True,
                            "runs": {"plain": runs[False], "secagg": runs[True]},
                            "exchanges_per_round": {"plain": DEPLOY_EXCHANGES[False], "secagg": DEPLOY_EXCHANGES[True]}}
     for name, secagg in (("plain", False), ("secagg", True)):
@@ -605,6 +605,14 @@ def _scale_markdown(sc: dict[str, Any], when: str) -> list[str]:
     return lines
 
 
+def _serving(dp: dict[str, Any]) -> str:
+    if dp.get("warm_worker"):
+        return ("Every message a site answers starts a fresh gate process (the approval check), which forwards it "
+                "to the run's warm worker (site config `warm_worker`: imports, model and data kept for the run).")
+    return ("Every message a site answers starts a fresh process through its gate (approval check, imports, model "
+            "and data).")
+
+
 def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
     s = dp["setup"]
     ex = dp["exchanges_per_round"]
@@ -613,9 +621,8 @@ def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
              "as an operator starts them (`fedsilo server start`, `server register`, `client start` from site "
              f"configs); {s['model']}, DP, {s['rows']} rows per department, batch {s['batch']}, "
              f"{s['local_epochs']:g} local epoch, {s['rounds']} rounds per job, {s['runs']} job(s) per variant in "
-             "ABBA order; medians over rounds 2.. (round 1 is the probe round). Every message a site answers starts "
-             "a fresh process through its gate (approval check, imports, model and data): a plain round is "
-             f"{ex['plain']} message exchanges (fit, evaluation), a SecAgg+ round {ex['secagg']} (setup, share "
+             "ABBA order; medians over rounds 2.. (round 1 is the probe round). " + _serving(dp) + " A plain round "
+             f"is {ex['plain']} message exchanges (fit, evaluation), a SecAgg+ round {ex['secagg']} (setup, share "
              "keys, masked vectors, unmask, evaluation).", "",
              "| variant | round s | fit s | evaluation s | slowest training s |", "|---|---|---|---|---|"]
     for name, label in (("plain", "plain"), ("secagg", "SecAgg+")):

@@ -119,15 +119,18 @@ class ProcessFamily:
 
 def write_site_config(site: Path, name: str, port: int, certs: Path | None, *, data: str = "notes.csv",
                       ca: Path | None = None, key: str | None = None, host: str = "127.0.0.1",
-                      policy: str = APPROVE_INSTALLED, epsilon: float = 8.0, require_secagg: bool = True) -> Path:
+                      policy: str = APPROVE_INSTALLED, epsilon: float = 8.0, require_secagg: bool = True,
+                      warm_worker: bool | None = None) -> Path:
     """`site`/site.toml for department `name` (its data `data` relative to `site`, its ledger ledger.json there),
     joining the server at host:port: over TLS with `certs`' CA (or `ca`) and node key `certs`/`key` (default: the
-    department's name), or in plaintext when `certs` is None."""
+    department's name), or in plaintext when `certs` is None. `warm_worker`: None keeps the site config's default."""
     site.mkdir(parents=True, exist_ok=True)
     lines = [f'name = "{name}"', f'data = "{data}"', f"epsilon = {epsilon}", "delta = 1e-5",
              'ledger = "ledger.json"', f'server = "{host}:{port}"']
     if not require_secagg:
         lines.append("require_secagg = false")
+    if warm_worker is not None:
+        lines.append(f"warm_worker = {str(warm_worker).lower()}")
     if certs is None:
         lines.append("insecure = true")
     else:
@@ -184,10 +187,11 @@ class LocalDeployment:
 
 @contextlib.contextmanager
 def local_deployment(root: Path, site_data: Mapping[str, Path], *, policy: str = APPROVE_INSTALLED,
-                     epsilon: float = 8.0, require_secagg: bool = True) -> Iterator[LocalDeployment]:
+                     epsilon: float = 8.0, require_secagg: bool = True, warm_worker: bool | None = None
+                     ) -> Iterator[LocalDeployment]:
     """Certificates, a TLS SuperLink with node authentication on 127.0.0.1, and one SuperNode per department of
     `site_data` (name -> its CSV, copied into its site directory; privacy budget `epsilon`, policy `policy`,
-    whether it requires SecAgg+), all online; every process is stopped on exit."""
+    whether it requires SecAgg+ and serves a run in a warm worker), all online; every process is stopped on exit."""
     from common.certs import provision
 
     certs = root / "certs"
@@ -210,7 +214,7 @@ def local_deployment(root: Path, site_data: Mapping[str, Path], *, policy: str =
             site.mkdir(parents=True, exist_ok=True)
             (site / "notes.csv").write_bytes(data.read_bytes())
             sites[name] = write_site_config(site, name, port, certs, policy=policy, epsilon=epsilon,
-                                            require_secagg=require_secagg)
+                                            require_secagg=require_secagg, warm_worker=warm_worker)
             procs.start([*FEDSILO, "client", "start", "--site-config", str(sites[name]), "--port", str(free_port())],
                         root / f"{name}.log")
         deployment = LocalDeployment(root=root, state=state, port=port, sites=sites, procs=procs)
