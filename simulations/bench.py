@@ -349,17 +349,26 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
         rows = frame.iloc[i * d.rows:(i + 1) * d.rows]
         write_atomic(data[f"dept{i:03d}"], rows[[TEXT, LABEL]].to_csv(index=False).encode())
     policy = f"{APPROVE_INSTALLED}\nmax_epsilon_per_job = {DEPLOY_JOB_EPSILON}"
-    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    # the sites allow plain jobs (require_secagg = false): the part compares rounds with and without SecAgg+
-    with local_deployment(work / "deploy", data, policy=policy, epsilon=DEPLOY_SITE_EPSILON,
-                          require_secagg=False, warm_worker=True) as deployment:
-        for secagg in secagg_order(d.runs):
-            tag = f"deploy-{'on' if secagg else 'off'}-{len(runs[secagg]) + 1}"
-            start = time.perf_counter()
-            report = deployment.run_job(work / tag, LABELS, _deploy_args(d, secagg))
-            rounds = _deploy_rounds(report, tag)
-            log.info("bench deploy: %s: rounds %s s", tag, [x["round_seconds"] for x in rounds])
-            runs[secagg].append({"secagg": secagg, "job_seconds": time.perf_counter() - start, "rounds": rounds})
+
+    def jobs(warm: bool, order: list[bool]) -> dict[bool, list[dict[str, Any]]]:
+        runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        kind = "warm" if warm else "cold"
+        # the sites allow plain jobs (require_secagg = false): the part compares rounds with and without SecAgg+
+        with local_deployment(work / f"deploy-{kind}", data, policy=policy, epsilon=DEPLOY_SITE_EPSILON,
+                              require_secagg=False, warm_worker=warm) as deployment:
+            for secagg in order:
+                tag = f"deploy-{kind}-{'on' if secagg else 'off'}-{len(runs[secagg]) + 1}"
+                start = time.perf_counter()
+                report = deployment.run_job(work / tag, LABELS, _deploy_args(d, secagg))
+                rounds = _deploy_rounds(report, tag)
+                log.info("bench deploy: %s: rounds %s s", tag, [x["round_seconds"] for x in rounds])
+                runs[secagg].append({"secagg": secagg, "job_seconds": time.perf_counter() - start,
+                                     "rounds": rounds})
+        return runs
+
+    runs = jobs(True, secagg_order(d.runs))
+    # then the same plain jobs with a fresh process per message (warm_worker = false): what the warm worker saves
+    cold = [x for run in jobs(False, [False] * d.runs)[False] for x in run["rounds"][1:]]
     steady = {secagg: [x for run in runs[secagg] for x in run["rounds"][1:]] for secagg in (False, True)}
 
     def median(secagg: bool, key: str) -> float | None:
@@ -379,6 +388,10 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
         out["secagg_stage_seconds"] = (out["secagg_fit_seconds"] - out["plain_fit_seconds"]) / extra
     else:
         out["secagg_stage_seconds"] = None
+    out["cold"] = {"warm_worker": False, "round_seconds": _median([x["round_seconds"] for x in cold]),
+                   "fit_seconds": _median([x["fit_seconds"] for x in cold]),
+                   "evaluate_seconds": _median([x["evaluate_seconds"] for x in cold])}
+    out["warm_speedup"] = _ratio(out["cold"]["round_seconds"], out["plain_round_seconds"])
     return out
 
 
@@ -628,10 +641,17 @@ def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
     for name, label in (("plain", "plain"), ("secagg", "SecAgg+")):
         lines.append(f"| {label} | {_f(dp[f'{name}_round_seconds'])} | {_f(dp[f'{name}_fit_seconds'])} | "
                      f"{_f(dp[f'{name}_evaluate_seconds'])} | {_f(dp[f'{name}_train_seconds_max'])} |")
+    cold = dp.get("cold")
+    if cold:
+        lines.append(f"| plain, a fresh process per message (`warm_worker = false`) | {_f(cold['round_seconds'])} | "
+                     f"{_f(cold['fit_seconds'])} | {_f(cold['evaluate_seconds'])} | |")
     lines += ["", f"SecAgg+ / plain round: {_f(dp['ratio'])}. One message exchange (the evaluation: a message to "
                   f"every site and their replies) takes {_f(dp['exchange_seconds'])} s; each SecAgg+ stage adds "
                   f"{_f(dp['secagg_stage_seconds'])} s to the fit ((SecAgg+ fit - plain fit) / "
                   f"{ex['secagg'] - ex['plain']})."]
+    if cold:
+        lines += ["", f"The warm worker makes a plain round {_f(dp['warm_speedup'])}x faster than a fresh process per "
+                      "message (the cold jobs ran after the warm ones, on a deployment of their own, same sizes)."]
     return lines
 
 

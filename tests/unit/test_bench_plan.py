@@ -83,6 +83,11 @@ def test_deploy_rounds_need_every_department_trained_and_render() -> None:
               "exchange_seconds": 5.0, "secagg_stage_seconds": 5.0, "bench_seconds": 200.0,
               "load_average": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "repeats": 2, "measured_utc": "2026-12-07T14:00:00Z"}
     text = bench_markdown({"machine": MACHINE, "quick": True, "deploy": deploy}, only_part="deploy")
+    assert "warm_worker = false" not in text  # no cold row in a bench.json without one
+    deploy |= {"cold": {"round_seconds": 24.0, "fit_seconds": 14.0, "evaluate_seconds": 10.0}, "warm_speedup": 2.0}
+    cold = bench_markdown({"machine": MACHINE, "quick": True, "deploy": deploy}, only_part="deploy")
+    assert "| plain, a fresh process per message (`warm_worker = false`) | 24.00 | 14.00 | 10.00 | |" in cold
+    assert "The warm worker makes a plain round 2.00x faster" in cold
     assert "### Real deployment on loopback" in text
     assert "| plain | 12.00 | 7.00 | 5.00 | 2.00 |" in text and "| SecAgg+ | 27.00 | 22.00 | 5.00 | 2.00 |" in text
     assert "SecAgg+ / plain round: 2.25." in text and "each SecAgg+ stage adds 5.00 s" in text
