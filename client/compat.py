@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
     from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
     from flwr.common.secure_aggregation.secaggplus_constants import Stage as SecAggStage
+    from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
     from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
+    from flwr.proto.message_pb2 import Context as ProtoContext
+    from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
     from flwr.supercore.error import ApiErrorCode, FlowerError
@@ -72,6 +75,13 @@ FLOWER_NAMES: dict[str, str] = {
     "pull_task_input": f"{_RUN_CLIENTAPP}:pull_task_input",
     "push_message": f"{_RUN_CLIENTAPP}:push_message",
     "push_task_output": f"{_RUN_CLIENTAPP}:push_task_output",
+    # a message and its context between the gate and the site's warm worker (client.worker)
+    "message_to_proto": "flwr.common.serde:message_to_proto",
+    "message_from_proto": "flwr.common.serde:message_from_proto",
+    "context_to_proto": "flwr.common.serde:context_to_proto",
+    "context_from_proto": "flwr.common.serde:context_from_proto",
+    "ProtoMessage": "flwr.proto.message_pb2:Message",
+    "ProtoContext": "flwr.proto.message_pb2:Context",
     # the executor's reading of its task poll interval (tests: Flower reads the variable client.deploy sets)
     "get_task_poll_interval": "flwr.supercore.superexec.run_superexec:_get_task_poll_interval",
     # the SuperNode's loader of its authentication key (tests: fedsilo's node keys load in Flower)
@@ -94,10 +104,11 @@ FLOWER_NAMES: dict[str, str] = {
 __all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MIN_INTERVAL",
            "HEARTBEAT_PATIENCE", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ActivateNodeRequest", "ApiErrorCode",
            "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient", "FlowerError",
-           "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor",
-           "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus", "add_args_flwr_app_common",
-           "get_task_poll_interval", "http_request_response", "make_simple_http_retry_invoker",
-           "make_task_heartbeat_fn_http", "public_key_to_bytes", "pull_task_input", "push_message",
+           "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "ProtoContext", "ProtoMessage", "RuntimeHttpClient",
+           "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus",
+           "add_args_flwr_app_common", "context_from_proto", "context_to_proto", "get_task_poll_interval",
+           "http_request_response", "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http",
+           "message_from_proto", "message_to_proto", "public_key_to_bytes", "pull_task_input", "push_message",
            "push_task_output", "start_parent_process_monitor", "try_obtain_flwr_app_token",
            "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
 

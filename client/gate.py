@@ -10,7 +10,8 @@ message it:
    unpacked, installed or imported, approved or not;
 3. checks the job against the policy (server pinning here; rounds and per-job epsilon in `client.runner`);
 4. runs the ClientApp of the fedsilo installed at this site (`client.app:app`), whose ledger and checks the site
-   has reviewed, and pushes its reply.
+   has reviewed, and pushes its reply: in the run's warm worker (`client.worker`, started here on the run's first
+   admitted message), or in this process when the site config sets `warm_worker = false`.
 
 A refused job gets an error reply naming the reason; the server records it in the round's report.
 """
@@ -69,8 +70,9 @@ def admit(site: SiteConfig, fab: bytes) -> str:
     return digest
 
 
-def handle(message: Message, context: Context, fab: bytes) -> Message:
-    """The reply to one message: the installed ClientApp's, or an error naming why the site refused."""
+def handle(message: Message, context: Context, fab: bytes, parent_pid: int | None = None) -> Message:
+    """The reply to one message: the installed ClientApp's (in the run's warm worker if the site has one, see
+    `client.worker`; `context` then takes its state), or an error naming why the site refused."""
     site: SiteConfig | None = None
     try:
         site = site_of(context)
@@ -88,19 +90,27 @@ def handle(message: Message, context: Context, fab: bytes) -> Message:
             except PrivacyError as failure:
                 log.error("gate: could not record the refusal in the egress log: %s", failure)
         return reply
-    log.info("gate: site %s runs its installed ClientApp for run %s (app %s approved)", site.name,
-             context.run_id, digest)
-    from client.app import app  # the site's own, reviewed code
+    log.info("gate: site %s runs its installed ClientApp for run %s (app %s approved)%s", site.name,
+             context.run_id, digest, " in its warm worker" if site.warm_worker else "")
+    from client.worker import WorkerError, forward, run_installed
 
+    if not site.warm_worker:
+        return run_installed(message, context, site.name)
     try:
-        return app(message=message, context=context)
-    except Exception as exc:  # as flwr-clientapp: any failure becomes an error reply, nothing else
-        log.exception("gate: site %s: the ClientApp raised", site.name)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(exc, site.name)),
-                       reply_to=message)
+        return forward(site, digest, message, context, parent_pid)
+    except (WorkerError, PolicyError) as exc:
+        log.error("gate: site %s: %s", site.name, exc)
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(exc, site.name)),
+                        reply_to=message)
+        try:
+            record_refusal(site, message, context.run_id, reply)  # what leaves the site is recorded
+        except PrivacyError as failure:
+            log.error("gate: could not record the failure in the egress log: %s", failure)
+        return reply
 
 
-def run(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+def run(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None,
+        parent_pid: int | None = None) -> int:
     """One message, as Flower's `flwr-clientapp` does it, with `handle` in place of loading the FAB."""
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -114,7 +124,7 @@ def run(runtime_api_address: str, token: str, insecure: bool, certificates: byte
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, _run, fab = pull_task_input(client)
-        reply = handle(message, context, fab.content)
+        reply = handle(message, context, fab.content, parent_pid)
         push_message(client, reply, context)
         if reply.has_error():
             details = reply.error.reason
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "runtime_dependency_install", False):
         raise PolicyError("Runtime dependency installation is not allowed at a fedsilo site.")
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
-    return run(args.runtime_api_address, try_obtain_flwr_app_token(args), args.insecure, certificates)
+    return run(args.runtime_api_address, try_obtain_flwr_app_token(args), args.insecure, certificates,
+               args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ class SiteConfig(Settings):
     node_key: str = option("", help="this site's private node key (OpenSSH, EC P-384), registered at the server "
                            "(relative to the site config)")
     insecure: bool = option(False, help="plaintext, no node authentication: local development only")
+    warm_worker: bool = option(True, help="serve a run's messages in one warm process per run (client.worker: the "
+                               "site's installed fedsilo, started by the gate after its checks, reachable only by "
+                               "the site's user) instead of a fresh process per message")
+    warm_worker_idle_seconds: float = option(300.0, help="a warm worker ends after this long without a message",
+                                             gt=0)
     policy: SitePolicy = option(  # noqa: RUF009 (option() is dataclasses.field with metadata)
         help="what this site accepts from a job: the [policy] table (below)", default_factory=SitePolicy)
 

@@ -11,7 +11,11 @@ Parts (each figure a median over repeats, the variants interleaved so that load 
 - comm: bytes a department sends per round (its update, serialised as Flower serialises it; under SecAgg+ the
   masked, quantised vector built with Flower's own functions), LoRA vs full fine-tuning;
 - scale: 100 departments with tiny-random in one simulation: seconds and peak memory (whole process tree) per round;
-  with a Ray address, on that Ray cluster (the memory is then this machine's process tree only).
+  with a Ray address, on that Ray cluster (the memory is then this machine's process tree only);
+- deploy (only with --only deploy: it starts real processes): a TLS SuperLink with node authentication and one
+  SuperNode per department on 127.0.0.1, started as an operator starts them (`simulations.localdeploy`), jobs
+  with and without SecAgg+ in ABBA order: round seconds, and the seconds of one message exchange (the federated
+  evaluation: one evaluate message to every site, each served through the site's gate).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ log = logging.getLogger(__name__)
 
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
-PARTS = ("dp", "secagg", "overhead", "comm", "scale")
+PARTS = ("dp", "secagg", "overhead", "comm", "scale")  # what a bench measures unless told --only
+OPT_IN_PARTS = ("deploy",)  # measured only when named with --only
+ALL_PARTS = (*PARTS, *OPT_IN_PARTS)
 MEMORY_INTERVAL_SECONDS = 0.5
 LABELS = "negative,positive"
 GOALS = {"dp_time": 1.3, "dp_memory": 1.2, "secagg": 1.2, "comm": 0.02, "overhead": 0.10}
@@ -73,6 +79,22 @@ class SimSetup(Settings):
     max_length: int = option(help="tokens per text (max-length)", gt=0, le=512)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DeploySetup(Settings):
+    """The deploy part's sizes: a real deployment on loopback."""
+
+    label: ClassVar[str] = "Bench deployment setting"
+
+    model: str = option(help="model (the run-config key model)", nonempty=True)
+    departments: int = option(help="departments, one SuperNode each", ge=2)
+    rows: int = option(help="rows per department (80% train)", ge=1)
+    rounds: int = option(help="rounds per job; round 1 (the probe round) is left out of the medians", ge=3)
+    runs: int = option(help="jobs per variant, in ABBA order (plain, SecAgg+, SecAgg+, plain, ...)", ge=1)
+    batch: int = option(help="expected batch size (batch-size)", gt=0)
+    local_epochs: float = option(help="fraction of a department's data visited per round (local-epochs)", gt=0)
+    max_length: int = option(help="tokens per text (max-length)", gt=0, le=512)
+
+
 @dataclass(frozen=True)
 class BenchSetup:
     step: StepSetup
@@ -82,6 +104,7 @@ class BenchSetup:
     overhead: tuple[SimSetup, ...]
     scale: SimSetup
     comm_model: str
+    deploy: DeploySetup
 
 
 FULL = BenchSetup(
@@ -95,6 +118,8 @@ FULL = BenchSetup(
     scale=SimSetup(model="tiny-random", departments=100, rows=40, rounds=3, batch=8, local_epochs=0.5,
                    max_length=32),
     comm_model="minilm",
+    deploy=DeploySetup(model="tiny-random", departments=2, rows=60, rounds=4, runs=2, batch=8, local_epochs=0.5,
+                       max_length=16),
 )
 _QUICK_SIM = SimSetup(model="tiny-random", departments=2, rows=30, rounds=2, batch=8, local_epochs=0.5,
                       max_length=16)
@@ -106,6 +131,8 @@ QUICK = BenchSetup(
     overhead=(_QUICK_SIM,),
     scale=replace(_QUICK_SIM, departments=4),
     comm_model="tiny-random",
+    deploy=DeploySetup(model="tiny-random", departments=2, rows=60, rounds=3, runs=1, batch=8, local_epochs=0.5,
+                       max_length=16),
 )
 
 
@@ -277,6 +304,97 @@ def bench_scale(setup: BenchSetup, work: Path, ray_address: str | None = None) -
             "memory_growth_round2_to_last": growth, "ray_address": ray_address, "run": res}
 
 
+# ---------------------------------------------------------------- a real deployment on loopback
+
+DEPLOY_SITE_EPSILON = 1000.0  # jobs follow one another at the same sites: each may spend at most
+DEPLOY_JOB_EPSILON = 4.0  # this (policy max_epsilon_per_job), so that the later jobs do not run out of budget
+# message exchanges per round, each site's reply served through its gate: fit (SecAgg+: setup, share keys,
+# masked vectors, unmask) and evaluation
+DEPLOY_EXCHANGES = {False: 2, True: 5}
+
+
+def _deploy_args(d: DeploySetup, secagg: bool) -> list[str]:
+    args = ["--rounds", str(d.rounds), "--model", d.model, "-c", f"batch-size={d.batch}", "-c",
+            f"local-epochs={d.local_epochs}", "-c", f"max-length={d.max_length}", "-c",
+            f"secagg-max-weight={float(max(100, d.rows))}"]
+    return args if secagg else [*args, "--no-secagg"]
+
+
+def _deploy_rounds(report: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    """Per round of a deployed job: round, fit and evaluation seconds, the slowest department's training time;
+    `BenchError` unless every department trained and the aggregate was applied in every round."""
+    rounds = []
+    for r in report["rounds"]:
+        statuses = {name: d["status"] for name, d in r["departments"].items()}
+        if r["aggregate"] != "applied" or any(s != "trained" for s in statuses.values()):
+            raise BenchError(f"deployed job {tag}: round {r['round']}: aggregate {r['aggregate']}, departments "
+                             f"{statuses}, errors {r['errors']}")
+        train = [d["train_seconds"] for d in r["departments"].values() if d.get("train_seconds") is not None]
+        rounds.append({"round": r["round"], "round_seconds": r["seconds"], "fit_seconds": r["fit_seconds"],
+                       "evaluate_seconds": r["seconds"] - r["fit_seconds"],
+                       "train_seconds_max": max(train) if train else None})
+    return rounds
+
+
+def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
+    from simulations.localdeploy import APPROVE_INSTALLED, local_deployment
+
+    d = setup.deploy
+    frame = load_hutto().sample(frac=1.0, random_state=0).reset_index(drop=True)
+    if d.departments * d.rows > len(frame):
+        raise ConfigError(f"{d.departments} departments x {d.rows} rows: Hutto has {len(frame)} rows.")
+    data: dict[str, Path] = {}
+    for i in range(d.departments):
+        data[f"dept{i:03d}"] = work / f"deploy-dept{i:03d}.csv"
+        rows = frame.iloc[i * d.rows:(i + 1) * d.rows]
+        write_atomic(data[f"dept{i:03d}"], rows[[TEXT, LABEL]].to_csv(index=False).encode())
+    policy = f"{APPROVE_INSTALLED}\nmax_epsilon_per_job = {DEPLOY_JOB_EPSILON}"
+
+    def jobs(warm: bool, order: list[bool]) -> dict[bool, list[dict[str, Any]]]:
+        runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        kind = "warm" if warm else "cold"
+        # the sites allow plain jobs (require_secagg = false): the part compares rounds with and without SecAgg+
+        with local_deployment(work / f"deploy-{kind}", data, policy=policy, epsilon=DEPLOY_SITE_EPSILON,
+                              require_secagg=False, warm_worker=warm) as deployment:
+            for secagg in order:
+                tag = f"deploy-{kind}-{'on' if secagg else 'off'}-{len(runs[secagg]) + 1}"
+                start = time.perf_counter()
+                report = deployment.run_job(work / tag, LABELS, _deploy_args(d, secagg))
+                rounds = _deploy_rounds(report, tag)
+                log.info("bench deploy: %s: rounds %s s", tag, [x["round_seconds"] for x in rounds])
+                runs[secagg].append({"secagg": secagg, "job_seconds": time.perf_counter() - start,
+                                     "rounds": rounds})
+        return runs
+
+    runs = jobs(True, secagg_order(d.runs))
+    # then the same plain jobs with a fresh process per message (warm_worker = false): what the warm worker saves
+    cold = [x for run in jobs(False, [False] * d.runs)[False] for x in run["rounds"][1:]]
+    steady = {secagg: [x for run in runs[secagg] for x in run["rounds"][1:]] for secagg in (False, True)}
+
+    def median(secagg: bool, key: str) -> float | None:
+        return _median([x[key] for x in steady[secagg] if x[key] is not None])
+
+    out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1), "warm_worker": True,
+                           "runs": {"plain": runs[False], "secagg": runs[True]},
+                           "exchanges_per_round": {"plain": DEPLOY_EXCHANGES[False], "secagg": DEPLOY_EXCHANGES[True]}}
+    for name, secagg in (("plain", False), ("secagg", True)):
+        for key in ("round_seconds", "fit_seconds", "evaluate_seconds", "train_seconds_max"):
+            out[f"{name}_{key}"] = median(secagg, key)
+    out["ratio"] = _ratio(out["secagg_round_seconds"], out["plain_round_seconds"])
+    # one exchange = one message to every site and their replies: the evaluation is one, in either variant
+    out["exchange_seconds"] = _median([x["evaluate_seconds"] for x in steady[False] + steady[True]])
+    extra = DEPLOY_EXCHANGES[True] - DEPLOY_EXCHANGES[False]
+    if out["secagg_fit_seconds"] is not None and out["plain_fit_seconds"] is not None:
+        out["secagg_stage_seconds"] = (out["secagg_fit_seconds"] - out["plain_fit_seconds"]) / extra
+    else:
+        out["secagg_stage_seconds"] = None
+    out["cold"] = {"warm_worker": False, "round_seconds": _median([x["round_seconds"] for x in cold]),
+                   "fit_seconds": _median([x["fit_seconds"] for x in cold]),
+                   "evaluate_seconds": _median([x["evaluate_seconds"] for x in cold])}
+    out["warm_speedup"] = _ratio(out["cold"]["round_seconds"], out["plain_round_seconds"])
+    return out
+
+
 # ---------------------------------------------------------------- communication
 
 
@@ -325,9 +443,9 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
               only: Sequence[str] = (), secagg_departments: Sequence[int] = (),
               ray_address: str | None = None) -> dict[str, Any]:
     """`ray_address`: run the scale part on that Ray cluster (the other parts measure this machine: refused)."""
-    unknown = sorted(set(only) - set(PARTS))
+    unknown = sorted(set(only) - set(ALL_PARTS))
     if unknown:
-        raise ConfigError(f"Unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}.")
+        raise ConfigError(f"Unknown bench part(s) {unknown}; choose from {', '.join(ALL_PARTS)}.")
     if ray_address is not None and set(only) != {"scale"}:
         raise ConfigError("--ray-address runs the scale part on a Ray cluster; the other parts measure this "
                           "machine: give --only scale.")
@@ -349,17 +467,17 @@ def run_bench(out: Path, *, quick: bool = False, repeats: int | None = None,
             raise ConfigError("SecAgg+ needs at least 2 departments per simulation.")
         chosen = tuple(replace(setup.secagg[0], departments=n) for n in secagg_departments)
         setup = replace(setup, secagg=chosen)
-    parts = [p for p in PARTS if not only or p in only]
+    parts = [p for p in ALL_PARTS if p in only] if only else list(PARTS)
     # simulations of this invocation only: remeasuring a part later must not meet the runs it left last time
     (out / "work").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-", time.gmtime()), dir=out / "work"))
     default_mode = JobConfig().grad_sample_mode
     result: dict[str, Any] = previous or {"quick": quick, "repeats": setup.repeats, "machine": describe(),
                                           "goals": GOALS}
-    result["parts"] = [p for p in PARTS if p in result or p in parts]
+    result["parts"] = [p for p in ALL_PARTS if p in result or p in parts]
     steps = {"dp": lambda: bench_dp(setup, default_mode), "secagg": lambda: bench_secagg(setup, work),
              "overhead": lambda: bench_overhead(setup, work), "comm": lambda: bench_comm(setup),
-             "scale": lambda: bench_scale(setup, work, ray_address)}
+             "scale": lambda: bench_scale(setup, work, ray_address), "deploy": lambda: bench_deploy(setup, work)}
     if "dp" in result:  # summaries are derived from the raw repeats, also for a dp part measured earlier
         result["dp"] = summarize_dp(result["dp"])
     for part in parts:
@@ -500,9 +618,46 @@ def _scale_markdown(sc: dict[str, Any], when: str) -> list[str]:
     return lines
 
 
+def _serving(dp: dict[str, Any]) -> str:
+    if dp.get("warm_worker"):
+        return ("Every message a site answers starts a fresh gate process (the approval check), which forwards it "
+                "to the run's warm worker (site config `warm_worker`: imports, model and data kept for the run).")
+    return ("Every message a site answers starts a fresh process through its gate (approval check, imports, model "
+            "and data).")
+
+
+def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
+    s = dp["setup"]
+    ex = dp["exchanges_per_round"]
+    lines = ["", "### Real deployment on loopback", "", when, "",
+             f"A TLS SuperLink with node authentication and {s['departments']} SuperNodes on 127.0.0.1, started "
+             "as an operator starts them (`fedsilo server start`, `server register`, `client start` from site "
+             f"configs); {s['model']}, DP, {s['rows']} rows per department, batch {s['batch']}, "
+             f"{s['local_epochs']:g} local epoch, {s['rounds']} rounds per job, {s['runs']} job(s) per variant in "
+             "ABBA order; medians over rounds 2.. (round 1 is the probe round). " + _serving(dp) + " A plain round "
+             f"is {ex['plain']} message exchanges (fit, evaluation), a SecAgg+ round {ex['secagg']} (setup, share "
+             "keys, masked vectors, unmask, evaluation).", "",
+             "| variant | round s | fit s | evaluation s | slowest training s |", "|---|---|---|---|---|"]
+    for name, label in (("plain", "plain"), ("secagg", "SecAgg+")):
+        lines.append(f"| {label} | {_f(dp[f'{name}_round_seconds'])} | {_f(dp[f'{name}_fit_seconds'])} | "
+                     f"{_f(dp[f'{name}_evaluate_seconds'])} | {_f(dp[f'{name}_train_seconds_max'])} |")
+    cold = dp.get("cold")
+    if cold:
+        lines.append(f"| plain, a fresh process per message (`warm_worker = false`) | {_f(cold['round_seconds'])} | "
+                     f"{_f(cold['fit_seconds'])} | {_f(cold['evaluate_seconds'])} | |")
+    lines += ["", f"SecAgg+ / plain round: {_f(dp['ratio'])}. One message exchange (the evaluation: a message to "
+                  f"every site and their replies) takes {_f(dp['exchange_seconds'])} s; each SecAgg+ stage adds "
+                  f"{_f(dp['secagg_stage_seconds'])} s to the fit ((SecAgg+ fit - plain fit) / "
+                  f"{ex['secagg'] - ex['plain']})."]
+    if cold:
+        lines += ["", f"The warm worker makes a plain round {_f(dp['warm_speedup'])}x faster than a fresh process per "
+                      "message (the cold jobs ran after the warm ones, on a deployment of their own, same sizes)."]
+    return lines
+
+
 _PART_MARKDOWN: dict[str, Callable[[dict[str, Any], str], list[str]]] = {
     "dp": _dp_markdown, "secagg": _secagg_markdown, "overhead": _overhead_markdown, "comm": _comm_markdown,
-    "scale": _scale_markdown,
+    "scale": _scale_markdown, "deploy": _deploy_markdown,
 }
 
 

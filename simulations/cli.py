@@ -142,7 +142,8 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the bench runs, no figures")
     p.add_argument("--repeats", type=int, help="repeats per measurement (default 3; --quick 1)")
     p.add_argument("--only", action="append", default=[], metavar="PART",
-                   help="run only these parts (repeatable): dp, secagg, overhead, comm, scale")
+                   help="run only these parts (repeatable): dp, secagg, overhead, comm, scale; and deploy (a real "
+                        "SuperLink and SuperNodes on 127.0.0.1), measured only when named")
     p.add_argument("--secagg-departments", type=int, action="append", default=[], metavar="N",
                    help="department counts of the secagg part (repeatable; default 4 and 10)")
     p.add_argument("--docs", type=Path, help="also rewrite the bench's section of this markdown file")

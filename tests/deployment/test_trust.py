@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from client.egress import egress_log_path, read_egress_log
 from client.ledger import LedgerFile
 from client.policy import SitePolicy, server_certificate_fingerprint
+from client.worker import WORKER_DIR
 from common.appbundle import app_dir, build_bundle, bundle_digest
 from common.certs import provision
 from common.errors import PolicyError
@@ -99,6 +101,9 @@ def test_job_with_modified_client_code_is_refused_and_none_of_it_runs(deployment
         assert f"Site {name} refuses the job: its app {digest} is not approved" in errors
     assert all(r["aggregate"] != "applied" for r in report["rounds"])
     assert not mark.exists(), "a line of the unapproved job's client code ran"
+    for name in SITES:  # no warm worker was started for the refused job
+        workers = deployment["root"] / "sites" / name / WORKER_DIR
+        assert not any(digest in log.read_text() for log in workers.glob("run-*.log"))
     for name in SITES:
         ledger = deployment["root"] / "sites" / name / "ledger.json"
         assert not ledger.exists()
@@ -121,6 +126,14 @@ def test_job_asking_for_more_rounds_than_a_site_allows_is_declined_there(deploym
     assert not (root / "sites" / "cardiology" / "ledger.json").exists()  # declined before any charge
     oncology = LedgerFile(root / "sites" / "oncology" / "ledger.json", "oncology", 8.0, 1e-5, "rdp").read()
     assert [e.round for e in oncology.entries] == [1, 2]
+    # oncology served the job's messages in its warm worker, which charged its ledger: a directory and a socket of
+    # the site's user alone
+    workers = root / "sites" / "oncology" / WORKER_DIR
+    assert stat.S_IMODE(workers.stat().st_mode) == 0o700
+    (log,) = [p for p in workers.glob("run-*.log") if "ledger: site oncology charged round 2" in p.read_text()]
+    assert "worker: serving run" in log.read_text()
+    sock = log.with_suffix(".sock")
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
 def test_the_pinned_server_certificate_is_checked_against_the_live_server(deployment: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,44 @@ def test_sim_setups_take_keywords_and_check_themselves() -> None:
     assert [s.departments for s in FULL.secagg] == [4, 10]
     assert [s.rows for s in FULL.overhead] == [1500, 3700]
     assert (QUICK.secagg[0].departments, QUICK.overhead[0].departments, QUICK.scale.departments) == (3, 2, 4)
+
+
+def _deployed_round(n: int, seconds: float, fit: float, status: str = "trained") -> dict:
+    return {"round": n, "seconds": seconds, "fit_seconds": fit, "aggregate": "applied", "errors": [],
+            "departments": {"dept000": {"status": "trained", "train_seconds": 1.0},
+                            "dept001": {"status": status, "train_seconds": 2.0}}}
+
+
+def test_deploy_rounds_need_every_department_trained_and_render() -> None:
+    from simulations.bench import BenchError, _deploy_rounds, bench_markdown
+
+    rounds = _deploy_rounds({"rounds": [_deployed_round(1, 30.0, 20.0), _deployed_round(2, 12.0, 7.0)]}, "t")
+    assert rounds[1] == {"round": 2, "round_seconds": 12.0, "fit_seconds": 7.0, "evaluate_seconds": 5.0,
+                         "train_seconds_max": 2.0}
+    with pytest.raises(BenchError, match=r"deployed job t: round 2: .*'dept001': 'declined_budget'"):
+        _deploy_rounds({"rounds": [_deployed_round(1, 30.0, 20.0), _deployed_round(2, 12.0, 7.0,
+                                                                                     "declined_budget")]}, "t")
+    deploy = {"setup": asdict(QUICK.deploy), "exchanges_per_round": {"plain": 2, "secagg": 5},
+              "plain_round_seconds": 12.0, "plain_fit_seconds": 7.0, "plain_evaluate_seconds": 5.0,
+              "plain_train_seconds_max": 2.0, "secagg_round_seconds": 27.0, "secagg_fit_seconds": 22.0,
+              "secagg_evaluate_seconds": 5.0, "secagg_train_seconds_max": 2.0, "ratio": 2.25,
+              "exchange_seconds": 5.0, "secagg_stage_seconds": 5.0, "bench_seconds": 200.0,
+              "load_average": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "repeats": 2, "measured_utc": "2026-12-07T14:00:00Z"}
+    text = bench_markdown({"machine": MACHINE, "quick": True, "deploy": deploy}, only_part="deploy")
+    assert "warm_worker = false" not in text  # no cold row in a bench.json without one
+    deploy |= {"cold": {"round_seconds": 24.0, "fit_seconds": 14.0, "evaluate_seconds": 10.0}, "warm_speedup": 2.0}
+    cold = bench_markdown({"machine": MACHINE, "quick": True, "deploy": deploy}, only_part="deploy")
+    assert "| plain, a fresh process per message (`warm_worker = false`) | 24.00 | 14.00 | 10.00 | |" in cold
+    assert "The warm worker makes a plain round 2.00x faster" in cold
+    assert "### Real deployment on loopback" in text
+    assert "| plain | 12.00 | 7.00 | 5.00 | 2.00 |" in text and "| SecAgg+ | 27.00 | 22.00 | 5.00 | 2.00 |" in text
+    assert "SecAgg+ / plain round: 2.25." in text and "each SecAgg+ stage adds 5.00 s" in text
+
+
+def test_deploy_part_is_measured_only_when_named(tmp_path: Path) -> None:
+    from simulations.bench import ALL_PARTS, PARTS, run_bench
+
+    assert "deploy" in ALL_PARTS and "deploy" not in PARTS
+    with pytest.raises(ConfigError, match="choose from dp, secagg, overhead, comm, scale, deploy"):
+        run_bench(tmp_path / "b", quick=True, only=["deploy", "nope"])
+    assert QUICK.deploy.rounds >= 3 and FULL.deploy.runs == 2  # rounds 2.. are fine-tuning rounds
