@@ -38,8 +38,9 @@ def test_overhead_section_renders_old_and_new_bench_json() -> None:
     for overhead in ({**row, **when}, {"rows": [row, {**row, "setup": {**setup, "rows": 3700},
                                                       "overhead_fraction": 0.05}], **when}):
         text = bench_markdown({"machine": MACHINE, "quick": False, "overhead": overhead}, only_part="overhead")
-        assert "| 1200 | 5 | 17.60 | 15.00 | 15.1% (goal <= 10%: missed) |" in text
-    assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 10%: met) |" in text
+        # 0.25 epoch of 1200 rows would be 5 steps: a department takes at least min-local-steps (10)
+        assert "| 1200 | 10 | 17.60 | 15.00 | 15.1% (goal <= 5%: missed) |" in text
+    assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 5%: met) |" in text
 
 
 def test_sim_setups_take_keywords_and_check_themselves() -> None:
