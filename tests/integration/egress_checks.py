@@ -17,12 +17,13 @@ from flwr.common import bytes_to_ndarray
 
 from client.compat import RECORD_KEY_CONFIGS, Mod, SecAggKey
 from common import keys
+from server.records import PlanRecord
 
 # What a department may send, by record: the aggregate metrics of keys.py and Flower's own bookkeeping.
 ALLOWED_METRICS = {keys.M_DEPARTMENT, keys.M_STATUS, keys.M_EPSILON, keys.M_DELTA, keys.M_NOISE, keys.M_STEPS,
                    keys.M_TRAIN_LOSS, keys.M_TRAIN_SECONDS, keys.M_ACCURACY, keys.M_CORRECT, keys.M_NUM_EXAMPLES,
-                   keys.M_REASON}
-STRING_METRICS = {keys.M_DEPARTMENT, keys.M_STATUS, keys.M_REASON}
+                   keys.M_REASON, keys.M_PHASE, keys.M_PLAN}
+STRING_METRICS = {keys.M_DEPARTMENT, keys.M_STATUS, keys.M_REASON, keys.M_PHASE, keys.M_PLAN}
 METRIC_RECORDS = {"fitres.num_examples": {"num_examples"}, "evaluateres.num_examples": {"num_examples"},
                   "evaluateres.loss": {"loss"}}
 SECAGG_REPLY_KEYS = {SecAggKey.PUBLIC_KEY_1, SecAggKey.PUBLIC_KEY_2, SecAggKey.DESTINATION_LIST,
@@ -109,6 +110,8 @@ def check_egress(messages: list[dict[str, Any]], shapes: list[tuple[int, ...]], 
                 for key, value in rec.items():
                     allowed: tuple[type, ...] = (str,) if key in STRING_METRICS else (int, float)
                     assert isinstance(value, allowed), (key, type(value))  # scalars only: no per-example lists
+                    if key == keys.M_PLAN:  # the plan: counts, rates, noise and epsilon of the job, nothing else
+                        PlanRecord.model_validate_json(str(value))
             elif rname.endswith(".status"):
                 assert set(rec) == {"code", "message"}
             elif rname == RECORD_KEY_CONFIGS:

@@ -38,6 +38,8 @@ def test_report_has_every_section(run: tuple[Path, dict[str, Any]]) -> None:
     assert set(report["departments"]) == {"cardiology", "oncology", "radiology"}
     cardiology = dict(report["departments"]["cardiology"])
     assert isinstance(cardiology.pop("node_id"), int)  # the node it answered from: named by it after a resume
+    plan = cardiology.pop("plan")  # its privacy-utility plan, from its first training reply
+    assert plan["site"] == "cardiology" and [p["phase"] for p in plan["phases"]] == ["probe", "finetune"]
     assert cardiology == {"n_train": 48, "n_test": 12}
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for r in report["rounds"]:
