@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 
@@ -18,8 +19,12 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     site = SiteConfig.from_toml(args.site_config)
     ca = None if site.insecure else Path(site.ca)
     node_key = Path(site.node_key) if site.node_key else None
-    env = tool_env(supernode_env(), first=install_gate())
-    return start_supernode(site.name, args.site_config, site.server, ca, node_key, cmd, env)
+    gate = install_gate()
+    try:
+        return start_supernode(site.name, args.site_config, site.server, ca, node_key, cmd,
+                               tool_env(supernode_env(site=site), first=gate))
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)  # the gate's private bin directory, one per `client start`
 
 
 def _require_agreement(checks: list, site: str) -> None:

@@ -7,7 +7,11 @@ Resolved on first use (see `common.compat`); checked name by name by `tests/unit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+import inspect
+import time
+import types
+from typing import TYPE_CHECKING, Any
 
 from common.compat import lazy_names
 
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as get_task_poll_interval
     from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.cli import flower_supernode
     from flwr.supernode.cli.flower_supernode import (
         _try_setup_client_authentication as try_setup_client_authentication,
     )
@@ -86,6 +91,8 @@ FLOWER_NAMES: dict[str, str] = {
     "get_task_poll_interval": "flwr.supercore.superexec.run_superexec:_get_task_poll_interval",
     # the SuperNode's loader of its authentication key (tests: fedsilo's node keys load in Flower)
     "try_setup_client_authentication": "flwr.supernode.cli.flower_supernode:_try_setup_client_authentication",
+    # the SuperNode's entry point, run by client.supernode after setting its waits
+    "flower_supernode": "flwr.supernode.cli:flower_supernode",
     # why a site cannot join (client.join): a signed activation request with an out-of-range heartbeat interval,
     # the server's error codes, and the heartbeat window; the SuperNode's connection (tests: the line it logs)
     "HEARTBEAT_DEFAULT_INTERVAL": "flwr.common.constant:HEARTBEAT_DEFAULT_INTERVAL",
@@ -106,10 +113,57 @@ __all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEART
            "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient", "FlowerError",
            "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "ProtoContext", "ProtoMessage", "RuntimeHttpClient",
            "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus",
-           "add_args_flwr_app_common", "context_from_proto", "context_to_proto", "get_task_poll_interval",
-           "http_request_response", "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http",
-           "message_from_proto", "message_to_proto", "public_key_to_bytes", "pull_task_input", "push_message",
-           "push_task_output", "start_parent_process_monitor", "try_obtain_flwr_app_token",
-           "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
+           "add_args_flwr_app_common", "context_from_proto", "context_to_proto", "flower_supernode",
+           "get_task_poll_interval", "http_request_response", "make_simple_http_retry_invoker",
+           "make_task_heartbeat_fn_http", "message_from_proto", "message_to_proto", "public_key_to_bytes",
+           "pull_task_input", "push_message", "push_task_output", "start_parent_process_monitor",
+           "try_obtain_flwr_app_token", "try_setup_client_authentication", "validate_and_resolve_root_certificates"]
+
+
+# ---------------------------------------------------------------- the SuperNode's two fixed waits (client.supernode)
+SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
+FLOWER_IDLE_POLL_SECONDS = 3.0  # no message for this node: `time.sleep(3)` before asking again
+FLOWER_REPLY_POLL_SECONDS = 0.5  # a ClientApp runs: `time.sleep(0.5)` between looks for its reply
+
+
+class _SuperNodeClock:
+    """Stands in for the `time` module inside Flower's SuperNode loop: its two fixed waits take the site's
+    values; every other call is the `time` module's own."""
+
+    def __init__(self, idle: float, reply: float) -> None:
+        self.idle, self.reply = idle, reply
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_IDLE_POLL_SECONDS:
+            seconds = self.idle
+        elif seconds == FLOWER_REPLY_POLL_SECONDS:
+            seconds = self.reply
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def set_supernode_polls(idle: float, reply: float) -> None:
+    """Make the SuperNode of this process wait `idle` seconds (not 3) before asking the SuperLink again for a
+    message, and `reply` seconds (not 0.5) between looks for a ClientApp's reply. In memory only, before Flower's
+    SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower's loop is not the one
+    described here."""
+    from common.compat import FlowerCompatError
+
+    try:
+        module = importlib.import_module(SUPERNODE_LOOP)
+        source = inspect.getsource(module)
+    except (ImportError, OSError, TypeError) as exc:
+        raise FlowerCompatError(f"cannot read Flower's SuperNode loop {SUPERNODE_LOOP}: {exc}") from exc
+    waits = [f"time.sleep({FLOWER_IDLE_POLL_SECONDS:g})", f"time.sleep({FLOWER_REPLY_POLL_SECONDS:g})"]
+    missing = [w for w in waits if w not in source]
+    if missing or not isinstance(getattr(module, "time", None), (types.ModuleType, _SuperNodeClock)):
+        from flwr import __version__
+
+        raise FlowerCompatError(f"Flower {__version__}'s SuperNode loop ({SUPERNODE_LOOP}) has no "
+                                f"{' and no '.join(missing) or 'module-level time'}")
+    module.time = _SuperNodeClock(idle, reply)  # type: ignore[attr-defined]
+
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -9,8 +9,9 @@ the SuperNode's PATH: the site runs its own installed ClientApp for approved job
 
 Latency: the executor (`flower-superexec`, started by the SuperNode with the SuperNode's environment) asks for new
 tasks every second by default; `supernode_env` sets its interval (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`, read and
-checked by Flower's `flower-superexec`) to 0.1 s unless the operator set it. The SuperNode's own idle poll of the
-SuperLink (`time.sleep(3)` in Flower 1.41's `start_client_internal`) is hard-coded: not configurable, not patched.
+checked by Flower's `flower-superexec`) to 0.1 s unless the operator set it. The SuperNode itself is Flower's
+`flower-supernode`, run through `client.supernode`, which sets its two fixed waits (3 s idle, hard-coded in Flower
+1.41 and 1.42) to the site config's `poll_seconds` and 0.1 s for a reply, in memory (`supernode_env` passes them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from client.site import SiteConfig
 from common import keys
 from common.certs import check_ca_certificate
 from common.errors import ConfigError
-from common.runtime import check_port_free, flower_tool
+from common.runtime import check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,24 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower accepts 0.01 
 SUPEREXEC_POLL_SECONDS = "0.1"
 
 
-def supernode_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment `flower-supernode` runs with (the current one if `base` is None): its executor polls for
-    tasks every 0.1 s, unless `base` already sets the interval (the operator's choice stands)."""
+def supernode_env(base: dict[str, str] | None = None, site: SiteConfig | None = None) -> dict[str, str]:
+    """The environment the SuperNode runs with (the current one if `base` is None): its executor polls for
+    tasks every 0.1 s, unless `base` already sets the interval (the operator's choice stands); with `site`, the
+    SuperNode's idle wait is the site's `poll_seconds` and its wait for a reply 0.1 s (`client.supernode`)."""
+    from client.supernode import POLL_ENV, REPLY_POLL_ENV, REPLY_POLL_SECONDS
+
     env = dict(os.environ if base is None else base)
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    if site is not None:
+        env[POLL_ENV] = repr(site.poll_seconds)
+        env.setdefault(REPLY_POLL_ENV, REPLY_POLL_SECONDS)
     return env
 
 
 def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
                       max_retries: int | None = None) -> list[str]:
-    """Validate the site config and return the `flower-supernode` invocation for it."""
+    """Validate the site config and return the SuperNode's invocation for it: Flower's `flower-supernode`, run by
+    `client.supernode`."""
     site = SiteConfig.from_toml(site_config)
     if not site.server:
         raise ConfigError(f"Site config {site_config}: set 'server' (the coordination server's host:port).")
@@ -58,7 +66,7 @@ def supernode_command(site_config: Path, *, port: int = DEFAULT_CLIENTAPP_PORT,
     log.info("client: site %s approves app(s) %s", site.name, ", ".join(sorted(approved)))
     rows = site.check_data()  # a missing, unreadable or malformed data file fails now, not at the first round
     log.info("client: site %s has %d rows of data in %s", site.name, rows, site.data)
-    cmd = [flower_tool("flower-supernode"), "--superlink", site.server, "--port", str(port),
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", site.server, "--port", str(port),
            "--isolation", "subprocess",
            "--node-config", f'{keys.NODE_SITE_CONFIG}="{site_config.resolve()}"']
     if max_retries is not None:

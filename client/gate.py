@@ -146,7 +146,9 @@ def configure_gate_logging() -> None:
     """The gate's lines in the site's log: fedsilo's from INFO, other libraries' warnings. httpx logs each Runtime
     API request at INFO (dozens per message), and Flower's records are printed by its own console handler (through
     the root handler too, they came twice, with Flower's DEBUG records)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from common.logs import FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("flwr").propagate = False
 

@@ -62,6 +62,10 @@ class SiteConfig(Settings):
     node_key: str = option("", help="this site's private node key (OpenSSH, EC P-384), registered at the server "
                            "(relative to the site config)")
     insecure: bool = option(False, help="plaintext, no node authentication: local development only")
+    poll_seconds: float = option(0.5, help="how long the SuperNode waits before asking the server again when it "
+                                 "has no message (Flower's own wait is 3 s: each of a round's message exchanges "
+                                 "waits up to this long); a shorter wait costs the server one small request more",
+                                 ge=0.05, le=3)
     warm_worker: bool = option(True, help="serve a run's messages in one warm process per run (client.worker: the "
                                "site's installed fedsilo, started by the gate after its checks, reachable only by "
                                "the site's user) instead of a fresh process per message")

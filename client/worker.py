@@ -54,6 +54,7 @@ from client.compat import (
 from client.failures import public_reason
 from client.site import SiteConfig
 from common.errors import FedsiloError, PolicyError
+from common.logs import FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,10 @@ def _serve_one(conn: socket.socket, run_id: int, digest: str) -> None:
         from client.gate import site_of
 
         site_name = site_of(context).name
+    start = time.perf_counter()
     reply = run_installed(message, context, site_name)
+    log.info("worker: run %s: %s message of round %s answered in %.2fs", run_id, message.metadata.message_type,
+             message.metadata.group_id or "-", time.perf_counter() - start)
     _send(conn, b'{"ok": true}', message_to_proto(reply).SerializeToString(),
           context_to_proto(context).SerializeToString())
 
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, required=True)
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=FORMAT)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # end with the SuperNode's executor
     st = args.dir.lstat()

@@ -1,4 +1,5 @@
-"""`fedsilo client start`'s environment: the SuperNode's executor polls for tasks every 0.1 s, not every second."""
+"""`fedsilo client start`'s environment: the SuperNode's executor polls for tasks every 0.1 s, not every second, and
+the SuperNode (`client.supernode`) waits the site's `poll_seconds` for a message, not 3 s, and 0.1 s for a reply."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import Any
 
 import pytest
 
-from client import cli, deploy, join
-from client.compat import get_task_poll_interval
+import client.compat
+from client import cli, deploy, join, supernode
+from client.compat import SUPERNODE_LOOP, get_task_poll_interval, set_supernode_polls
 from client.deploy import SUPEREXEC_POLL_ENV, supernode_env
 from client.site import SiteConfig
+from client.supernode import POLL_ENV, REPLY_POLL_ENV
+from common.compat import FlowerCompatError, resolve
 
 
 def test_the_executor_poll_interval_is_set_low_unless_the_operator_chose_one() -> None:
@@ -39,14 +43,78 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
         ran.update(site=site, address=address, ca=ca, node_key=node_key, cmd=cmd, env=env)
         return 0
 
-    site = SimpleNamespace(name="cardiology", insecure=False, ca="ca.crt", node_key="cardiology", server="h:1")
+    site = SimpleNamespace(name="cardiology", insecure=False, ca="ca.crt", node_key="cardiology", server="h:1",
+                           poll_seconds=0.25)
+    gate = tmp_path / "gate"
+    gate.mkdir()
     monkeypatch.setattr(deploy, "supernode_command", lambda *_a, **_k: ["flower-supernode"])
-    monkeypatch.setattr(deploy, "install_gate", lambda: tmp_path)
+    monkeypatch.setattr(deploy, "install_gate", lambda: gate)
     monkeypatch.setattr(join, "start_supernode", start_supernode)
     monkeypatch.setattr(SiteConfig, "from_toml", staticmethod(lambda _path: site))
     args = argparse.Namespace(site_config=tmp_path / "site.toml", port=9094, max_retries=None)
     assert cli._cmd_client_start(args) == 0
-    assert ran["cmd"] == ["flower-supernode"] and ran["env"]["PATH"].split(os.pathsep)[0] == str(tmp_path)
+    assert ran["cmd"] == ["flower-supernode"] and ran["env"]["PATH"].split(os.pathsep)[0] == str(gate)
     assert ran["env"][SUPEREXEC_POLL_ENV] == "0.1"
+    assert (ran["env"][POLL_ENV], ran["env"][REPLY_POLL_ENV]) == ("0.25", "0.1")  # the SuperNode's waits
+    assert not gate.exists()  # the gate's directory goes with the SuperNode
     assert (ran["site"], ran["address"], ran["ca"], ran["node_key"]) == ("cardiology", "h:1", Path("ca.crt"),
                                                                          Path("cardiology"))
+
+
+class _Sleeps:
+    """Records the waits `client.compat`'s stand-in clock passes on to `time.sleep`."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    @staticmethod
+    def monotonic() -> float:
+        return 42.0
+
+
+def test_the_supernode_loop_waits_the_sites_seconds_not_flowers(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = resolve(SUPERNODE_LOOP)
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    sleeps = _Sleeps()
+    monkeypatch.setattr(client.compat, "time", sleeps)
+    set_supernode_polls(0.25, 0.1)  # the installed Flower's loop has both waits, or this raises
+    for seconds in (3, 0.5, 2):  # idle, waiting for a reply, any other wait
+        loop.time.sleep(seconds)
+    assert sleeps.slept == [0.25, 0.1, 2]
+    assert loop.time.monotonic() == 42.0  # everything else is the time module's own
+
+
+def test_a_flower_without_those_waits_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = resolve(SUPERNODE_LOOP)
+    monkeypatch.setattr(loop, "time", loop.time)
+    before = loop.time
+    monkeypatch.setattr(client.compat.inspect, "getsource", lambda _m: "while True:\n    time.sleep(1)\n")
+    with pytest.raises(FlowerCompatError, match=r"no time\.sleep\(3\) and no time\.sleep\(0\.5\)"):
+        set_supernode_polls(0.25, 0.1)
+    assert loop.time is before
+
+
+def test_the_supernode_process_sets_its_waits_then_runs_flowers_supernode(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(client.compat, "set_supernode_polls", lambda idle, reply: calls.append(("polls", (idle,
+                                                                                                          reply))))
+    monkeypatch.setattr(client.compat, "flower_supernode", lambda: calls.append(("flower", None)), raising=False)
+    monkeypatch.setenv(POLL_ENV, "0.25")
+    monkeypatch.delenv(REPLY_POLL_ENV, raising=False)
+    supernode.main()
+    assert calls == [("polls", (0.25, 0.5)), ("flower", None)]  # no reply wait set: Flower's own
+
+    def refuse(_idle: float, _reply: float) -> None:
+        raise FlowerCompatError("Flower 9's SuperNode loop has no time.sleep(3)")
+
+    monkeypatch.setattr(client.compat, "set_supernode_polls", refuse)
+    calls.clear()
+    supernode.main()  # slower rounds, said so: the site still runs Flower's SuperNode
+    assert calls == [("flower", None)] and "keeps Flower's own waits" in caplog.text
+    monkeypatch.setenv(POLL_ENV, "soon")
+    with pytest.raises(SystemExit, match="FEDSILO_POLL_SECONDS must be a number of seconds"):
+        supernode.main()

@@ -1,0 +1,60 @@
+"""The site's SuperNode process: Flower's own `flower-supernode`, with its two fixed waits set by the site.
+
+Flower's SuperNode (1.41 and 1.42) asks the SuperLink for a message; when there is none it sleeps 3 s
+(`flwr/supernode/start_client_internal.py`), and while a ClientApp runs it looks for the reply every 0.5 s. It
+sends its reply and asks for the next message at once, before the server has aggregated the replies, so every
+message exchange of a round waits out almost the whole 3 s: 2 exchanges in a plain round, 5 with SecAgg+.
+
+`fedsilo client start` runs the SuperNode as `python -m client.supernode ARGS`: this module sets those two waits
+(`FEDSILO_POLL_SECONDS` and `FEDSILO_REPLY_POLL_SECONDS`, which `client.deploy.supernode_env` sets from the site
+config's `poll_seconds`) and hands over to Flower's `flower-supernode` entry point with the same arguments.
+Nothing else changes, and nothing on disk is patched: `client.compat.set_supernode_polls` is the one place that
+knows the two waits, and `tests/unit/test_flower_compat.py` fails on a Flower whose SuperNode no longer has them.
+A shorter idle wait costs the SuperLink one more small request per site per wait (at 0.5 s: 2 per second per
+idle site).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+POLL_ENV = "FEDSILO_POLL_SECONDS"
+REPLY_POLL_ENV = "FEDSILO_REPLY_POLL_SECONDS"
+REPLY_POLL_SECONDS = "0.1"
+
+
+def _seconds(name: str) -> float | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.01 <= seconds <= 60:
+        raise SystemExit(f"fedsilo: {name} must be a number of seconds from 0.01 to 60, got {value!r}.")
+    return seconds
+
+
+def main() -> None:
+    from client.compat import FLOWER_IDLE_POLL_SECONDS, FLOWER_REPLY_POLL_SECONDS, flower_supernode, set_supernode_polls
+    from common.compat import FlowerCompatError
+
+    idle = _seconds(POLL_ENV) or FLOWER_IDLE_POLL_SECONDS
+    reply = _seconds(REPLY_POLL_ENV) or FLOWER_REPLY_POLL_SECONDS
+    try:
+        set_supernode_polls(idle, reply)
+    except FlowerCompatError as exc:  # slower rounds, nothing else: the site still runs Flower's own SuperNode
+        logging.basicConfig(level=logging.INFO)
+        log.warning("client: %s; the SuperNode keeps Flower's own waits (%gs idle, %gs for a reply).", exc,
+                    FLOWER_IDLE_POLL_SECONDS, FLOWER_REPLY_POLL_SECONDS)
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
