@@ -267,3 +267,12 @@ def test_help_documents_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--grid KEY=V1,V2,..." in out and "not in epsilon" in out and "default 3" in out
+
+
+def test_a_bad_grid_on_the_command_line_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s"
+    assert main(["study", "utility", "--out", str(out), "--grid", "learning-rate=0.01,fast"]) == 2
+    assert "--grid learning-rate: 'fast' is not a number." in capsys.readouterr().err
+    assert main(["study", "utility", "--out", str(out), "--grid", "clip=1,2"]) == 2
+    assert "'clip' is not a run-config key the study can tune; tunable keys: " in capsys.readouterr().err
+    assert not out.exists()
