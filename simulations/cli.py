@@ -112,7 +112,8 @@ def _add_study(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     u.add_argument("--repeats", type=int, default=3, help="runs per arm, seeds seed, seed+1, ...; the tables give "
                                                           "medians and ranges (default 3)")
     u.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="tune run-config KEY over these values (repeatable: every combination is a point); "
+                   help="tune run-config KEY over these values (repeatable: every combination is a point; KEY: "
+                        "learning-rate, batch-size, clip-norm, lora-r, lora-alpha or a probe-* rate, batch or share); "
                         "replaces the default grid, learning-rate at 0.5x, 1x and 2x the configured value. Every "
                         "arm runs every point once (base seed) on a train/validation split of its training rows and "
                         "keeps the best validation accuracy; the tuning runs' privacy cost is not in epsilon")
@@ -122,7 +123,9 @@ def _add_study(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     u.add_argument("--render", action="store_true", help="run nothing: rewrite study.md, utility.png (and --docs) "
                                                          "from --out's study.json, finished or not")
     u.add_argument("--docs", type=Path, help="also rewrite the study's section of this markdown file "
-                                             "(e.g. docs/benchmarks.md) and put the plot beside it")
+                                             "(e.g. docs/benchmarks.md: section study for the Hutto corpora, "
+                                             "study-<data> for other data, e.g. study-hutto-small) and put the "
+                                             "plot beside it")
     add_config_option(u, "any run-config key except dp and sim-epsilon (repeatable)")
     u.set_defaults(func=_cmd_study)
 

@@ -83,9 +83,10 @@ GOALS: dict[str, dict[str, float | None]] = {
 GOAL_DP_POINTS = GOALS["default"]["dp_eps8"]  # federated DP at eps=8 within this many points of federated non-private
 GOAL_FED_POINTS = GOALS["default"]["federated"]  # federated non-private within this many points of centralized
 FIXED_BY_STUDY = ("dp", "sim-epsilon", "sim-site-epsilons", "out-dir")
-# the compute budget is fixed: keys that change it are not tuned
-NOT_GRIDDED = (*FIXED_BY_STUDY, "seed", "num-server-rounds", "local-epochs", "min-local-steps", "max-local-steps",
-               "probe-rounds", "probe-epochs")
+# What a grid may tune: training hyperparameters. The compute budget (rounds, epochs, step bounds), the privacy
+# settings the study fixes, the seed and the protocol's settings are not tuned.
+TUNABLE = ("learning-rate", "batch-size", "clip-norm", "lora-r", "lora-alpha", "probe-learning-rate",
+           "probe-batch-size", "probe-epsilon-share")
 Point = dict[str, float | int]
 
 
@@ -241,9 +242,8 @@ def arm_name(epsilon: float) -> str:
 # --- the grid ---------------------------------------------------------------------------------------------------
 
 def griddable_keys() -> dict[str, type]:
-    """The run-config keys a grid may tune (numeric job keys that leave the compute budget alone) and their type."""
-    return {f.key: f.kind for f in settings_fields(JobConfig)
-            if f.kind in (int, float) and f.key not in NOT_GRIDDED}
+    """The run-config keys a grid may tune (`TUNABLE`) and their type."""
+    return {f.key: f.kind for f in settings_fields(JobConfig) if f.kind in (int, float) and f.key in TUNABLE}
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[float | int]]:
