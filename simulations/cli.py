@@ -126,7 +126,8 @@ def _add_study(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                              "(e.g. docs/benchmarks.md: section study for the Hutto corpora, "
                                              "study-<data> for other data, e.g. study-hutto-small) and put the "
                                              "plot beside it")
-    add_config_option(u, "any run-config key except dp and sim-epsilon (repeatable)")
+    add_config_option(u, "any run-config key except dp, sim-epsilon, sim-site-epsilons and sim-split-seed "
+                         "(repeatable)")
     u.set_defaults(func=_cmd_study)
 
 

@@ -13,9 +13,10 @@ again into train and validation (`VALIDATION_FRACTION`); the point with the best
 (ties: the first declared). The arm's runs then use that point on the real data and report test accuracy. The
 tuning runs' own privacy cost is not counted in the DP arms' epsilon.
 
-Each arm runs `repeats` times, with seeds seed, seed+1, ... (the seed sets the train/test split, the model's
-initialisation and the batch order; DP noise and sampling come from the OS's entropy pool whatever the seed); the
-tables give the median over an arm's runs and their range, so one lucky or unlucky DP run does not decide a goal.
+Each arm runs `repeats` times, with seeds seed, seed+1, ... (the seed sets the model's initialisation and the batch
+order; DP noise and sampling come from the OS's entropy pool whatever the seed); the train/test split stays the base
+seed's in every repeat (`sim-split-seed`), so the test rows are the same ones, never seen by tuning. The tables give
+the median over an arm's runs and their range, so one lucky or unlucky DP run does not decide a goal.
 
 The compute budget is counted in examples processed: a federated arm's department d takes, per fine-tuning round,
 `client.plan.finetune_work(n_d, job)` (about `local-epochs` of its rows), after `probe-rounds` head-only rounds of
@@ -82,7 +83,7 @@ GOALS: dict[str, dict[str, float | None]] = {
 }
 GOAL_DP_POINTS = GOALS["default"]["dp_eps8"]  # federated DP at eps=8 within this many points of federated non-private
 GOAL_FED_POINTS = GOALS["default"]["federated"]  # federated non-private within this many points of centralized
-FIXED_BY_STUDY = ("dp", "sim-epsilon", "sim-site-epsilons", "out-dir")
+FIXED_BY_STUDY = ("dp", "sim-epsilon", "sim-site-epsilons", "sim-split-seed", "out-dir")
 # What a grid may tune: training hyperparameters. The compute budget (rounds, epochs, step bounds), the privacy
 # settings the study fixes, the seed and the protocol's settings are not tuned.
 TUNABLE = ("learning-rate", "batch-size", "clip-norm", "lora-r", "lora-alpha", "probe-learning-rate",
@@ -510,6 +511,7 @@ def run_study(rc: dict[str, Any], out_dir: Path, epsilons: Sequence[float] = DEF
             raise ConfigError(f"{out_dir} already holds a study ({STUDY_JSON}); choose another --out or --resume.")
         saved = json.loads((out_dir / STUDY_JSON).read_text())
     job, _ = resolve_job({**rc, "dp": False})
+    rc = {**rc, "sim-split-seed": job.seed}  # every repeat tests on the rows the base seed holds out
     declared = {k: list(v) for k, v in (default_grid(job) if grid is None else grid).items()}
     jobs = []
     for point in grid_points(declared):  # every point must make a valid job before anything runs
@@ -667,6 +669,8 @@ def study_markdown(study: Study, plot: str | None = UTILITY_PNG) -> str:
         *_tuning_lines(study),
         "Every figure is the median over an arm's runs (seeds "
         + (", ".join(str(s) for s in study.seeds()) or "none yet")
+        + (": initialisation and batch order; every run tests on the same rows, the base seed's split"
+           if "sim-split-seed" in study.config.get("overrides", {}) else "")
         + "; DP noise is drawn from the OS's entropy pool, so DP runs differ even with one seed); range = lowest "
         "and highest global accuracy of the runs; examples = fine-tuning examples per run, all departments "
         "together.",

@@ -74,6 +74,7 @@ def fake_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str
     def outcome(arm: str, rc: dict[str, Any]) -> ArmRun:
         if len(calls) == stop["after"]:
             raise Interrupted
+        assert rc["sim-split-seed"] == 0  # every run, of every seed, splits as the base seed does
         tuning = str(rc["sim-data"]).endswith(TUNING_DATA)
         if tuning:
             assert rc["sim-test-fraction"] == VALIDATION_FRACTION
@@ -116,6 +117,7 @@ def test_selection_uses_validation_accuracy_only(tmp_path: Path, fake_runs: Any)
     table = (tmp_path / "s" / STUDY_MD).read_text()
     assert "| federated | 0.6000 | 0.6500 | **0.6600** | learning-rate=0.04 |" in table
     assert "not included in the epsilons" in table
+    assert "(seeds 0, 1, 2: initialisation and batch order; every run tests on the same rows" in table
     assert "learning-rate 0.01, 0.02, 0.04: 3 point(s)" in table
     # the re-rendered study keeps the trials and the choice
     again = load_study(tmp_path / "s")
@@ -276,3 +278,16 @@ def test_a_bad_grid_on_the_command_line_is_a_clear_error(tmp_path: Path, capsys:
     assert main(["study", "utility", "--out", str(out), "--grid", "clip=1,2"]) == 2
     assert "'clip' is not a run-config key the study can tune; tunable keys: " in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_split_seed_holds_the_test_rows_across_seeds(tmp_path: Path) -> None:
+    data = tmp_path / "departments.csv"
+    make_department_frame({"cardiology": 40, "oncology": 32}).to_csv(data, index=False)
+
+    def test_rows(**keys: Any) -> list[list[str]]:
+        job, sim = resolve_job({**TINY_JOB, "sim-data": str(data), **keys})
+        return [s.load_split(job.label_names).test_texts for s in simulated_sites(job, sim, tmp_path)]
+
+    assert test_rows(seed=1) != test_rows(seed=0)  # by default the seed sets the split
+    assert test_rows(seed=1, **{"sim-split-seed": 0}) == test_rows(seed=0)
+    assert test_rows(seed=2, **{"sim-split-seed": 0}) == test_rows(seed=0, **{"sim-split-seed": 0})
