@@ -147,7 +147,7 @@ def simulated_sites(job: JobConfig, sim: SimulationConfig, out_dir: Path) -> lis
                    ledger=str(out_dir / "sites" / d / "ledger.json"), text_column=sim.sim_text_column,
                    label_column=sim.sim_label_column, department_column=sim.sim_department_column,
                    require_secagg=job.secagg, allow_non_private=not job.dp, test_fraction=sim.sim_test_fraction,
-                   split_seed=job.seed)
+                   split_seed=job.seed if sim.sim_split_seed < 0 else sim.sim_split_seed)
         for d in departments
     ]
 

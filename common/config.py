@@ -189,6 +189,9 @@ class SimulationConfig(Settings):
     sim_label_column: str = option("label", help="label column of sim-data")
     sim_department_column: str = option("department", help="department column of sim-data")
     sim_test_fraction: float = option(0.2, help="per-department held-out share for evaluation", gt=0, lt=1)
+    sim_split_seed: int = option(-1, help="seed of every simulated department's train/test split (-1: the job's "
+                                 "seed); the utility study holds it at its base seed, so every repeat tests on the "
+                                 "same rows, which its tuning never sees", ge=-1)
     sim_epsilon: float = option(8.0, help="every simulated site's privacy budget epsilon ...", gt=0)
     sim_delta: float = option(1e-5, help="... and delta", gt=0, lt=1)
     sim_site_epsilons: str = option("", help='per-site budget overrides, "name=eps,name=eps"', note="eps > 0")

@@ -95,7 +95,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _add_study(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("study", help="accuracy studies: what privacy costs under one compute budget",
                        description="utility: centralized non-private on the pooled data, federated non-private and "
-                                   "federated DP at several epsilons, all with the same number of gradient steps; "
+                                   "federated DP at several epsilons, all processing the same number of examples, "
+                                   "each tuned on the same grid on a validation split of the training rows; "
                                    "writes study.json, study.md and utility.png.")
     ssub = p.add_subparsers(dest="study_command", required=True)
     u = ssub.add_parser("utility", help="accuracy vs epsilon against centralized and federated baselines")
@@ -104,31 +105,43 @@ def _add_study(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     u.add_argument("--local-epochs", type=float, help="fraction of each department's data per round")
     u.add_argument("--epsilons", default="8,3,1", help="per-site budgets of the DP arms (default 8,3,1)")
     u.add_argument("--model", help="'minilm', 'tiny-random' or a local Hugging Face model directory")
-    u.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments (default: Hutto corpora)")
+    u.add_argument("--data", help="CSV/TSV/JSONL/Parquet file split into departments, or hutto-small (the "
+                   "small-department scenario; default: the Hutto corpora)")
     u.add_argument("--per-department", type=int, help="train/test on at most this many rows per department "
                                                        "(seeded sample; a smaller compute budget)")
-    u.add_argument("--repeats", type=int, default=1, help="runs per arm, seeds seed, seed+1, ...; the tables give "
-                                                          "medians and ranges (default 1)")
-    u.add_argument("--resume", action="store_true", help="run only the runs --out's study.json lacks (same "
-                                                         "settings; more --repeats or other --epsilons may be asked)")
+    u.add_argument("--repeats", type=int, default=3, help="runs per arm, seeds seed, seed+1, ...; the tables give "
+                                                          "medians and ranges (default 3)")
+    u.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="tune run-config KEY over these values (repeatable: every combination is a point; KEY: "
+                        "learning-rate, batch-size, clip-norm, lora-r, lora-alpha or a probe-* rate, batch or share); "
+                        "replaces the default grid, learning-rate at 0.5x, 1x and 2x the configured value. Every "
+                        "arm runs every point once (base seed) on a train/validation split of its training rows and "
+                        "keeps the best validation accuracy; the tuning runs' privacy cost is not in epsilon")
+    u.add_argument("--resume", action="store_true", help="run only the runs --out's study.json lacks, tuning runs "
+                                                         "included (same settings; more --repeats or other "
+                                                         "--epsilons may be asked)")
     u.add_argument("--render", action="store_true", help="run nothing: rewrite study.md, utility.png (and --docs) "
                                                          "from --out's study.json, finished or not")
     u.add_argument("--docs", type=Path, help="also rewrite the study's section of this markdown file "
-                                             "(e.g. docs/benchmarks.md) and put the plot beside it")
-    add_config_option(u, "any run-config key except dp and sim-epsilon (repeatable)")
+                                             "(e.g. docs/benchmarks.md: section study for the Hutto corpora, "
+                                             "study-<data> for other data, e.g. study-hutto-small) and put the "
+                                             "plot beside it")
+    add_config_option(u, "any run-config key except dp, sim-epsilon, sim-site-epsilons and sim-split-seed "
+                         "(repeatable)")
     u.set_defaults(func=_cmd_study)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from simulations.study import run_study_command
+    from simulations.study import parse_grid, run_study_command
 
     rc = run_config_from_args(args)
+    grid = parse_grid(args.grid) if args.grid else None
     try:
         epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
     except ValueError as exc:
         raise FedsiloError(f"--epsilons must be comma-separated numbers, got {args.epsilons!r}.") from exc
     print(run_study_command(rc, args.out, epsilons, args.docs, args.per_department,
-                            args.resume, args.render, args.repeats), end="")
+                            args.resume, args.render, args.repeats, grid), end="")
     return 0
 
 
