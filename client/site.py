@@ -9,9 +9,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
-
-import pandas as pd
+from typing import TYPE_CHECKING, ClassVar
 
 from client.policy import SitePolicy
 from common import keys
@@ -30,6 +28,9 @@ from common.data import (
 from common.errors import ConfigError, DataError
 from common.preflight import check_department_data
 from common.settings import Settings, format_keys, load, option
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ from pathlib import Path
 from common.errors import FedsiloError
 from common.logs import configure_logging, unconfigure_logging
 
+# Flower sends an event to telemetry.flower.ai at each start of a SuperLink, SuperNode, simulation or run, unless
+# this is "0" (flwr/supercore/telemetry.py, read when Flower is imported). A fedsilo site or server sends nothing
+# but its protocol messages: off unless the operator sets it. Set here, before any Flower import, so every process
+# fedsilo starts (SuperLink, SuperNode, executor, app processes, Ray workers) inherits it.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what a shell reports for a writer whose reader went away
 COMMAND_GROUP = "fedsilo.commands"

@@ -18,13 +18,16 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from common.config import JobConfig, RunConfig, SimulationConfig
 from common.errors import DataError
 from common.paths import cache_dir
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: a site's gate process reads its config without it
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,8 @@ def fetch_hutto(cache: Path | None = None) -> Path:
 def load_hutto(cache: Path | None = None, *, neutral: bool = False) -> pd.DataFrame:
     """The four Hutto corpora as one frame; label = sign of the mean rating, |rating| < 0.5 dropped (or, with
     `neutral`, labelled neutral)."""
+    import pandas as pd
+
     root = fetch_hutto(cache)
     frames = []
     for department, name in HUTTO_DEPARTMENTS.items():
@@ -128,6 +133,8 @@ def load_hutto(cache: Path | None = None, *, neutral: bool = False) -> pd.DataFr
 def load_hutto_small(cache: Path | None = None, rows: int = SMALL_ROWS, seed: int = 0) -> pd.DataFrame:
     """The small-department scenario: `SMALL_DEPARTMENTS` of `rows` rows each, drawn (seeded, disjoint) from the
     Hutto corpora, with three classes (negative, neutral, positive by the mean rating)."""
+    import pandas as pd
+
     frame = load_hutto(cache, neutral=True)
     rng = np.random.default_rng(seed)
     parts = []
@@ -140,11 +147,17 @@ def load_hutto_small(cache: Path | None = None, rows: int = SMALL_ROWS, seed: in
     return pd.concat(parts, ignore_index=True)
 
 
+def _pandas() -> Any:
+    import pandas
+
+    return pandas
+
+
 _READERS = {
-    ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False, quoting=3),
-    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-    ".parquet": pd.read_parquet,
+    ".csv": lambda p: _pandas().read_csv(p, dtype=str, keep_default_na=False),
+    ".tsv": lambda p: _pandas().read_csv(p, sep="\t", dtype=str, keep_default_na=False, quoting=3),
+    ".jsonl": lambda p: _pandas().read_json(p, lines=True, dtype=False),
+    ".parquet": lambda p: _pandas().read_parquet(p),
 }
 
 
@@ -170,6 +183,8 @@ def table_bytes(frame: pd.DataFrame, suffix: str) -> bytes:
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV/TSV/JSONL/Parquet file as it is (every column); `DataError` for a missing, empty, binary,
     unparsable or row-less file, or an unsupported format."""
+    import pandas as pd
+
     if not path.exists():
         raise DataError(f"Data file {path} does not exist.")
     if not path.is_file():
@@ -201,6 +216,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def load_table(path: Path, text_column: str, label_column: str, department_column: str | None) -> pd.DataFrame:
     """Read a CSV/TSV/JSONL/Parquet file into the standard frame (department column optional)."""
+    import pandas as pd
+
     raw = read_table(path)
     wanted = [text_column, label_column] + ([department_column] if department_column else [])
     missing = [c for c in wanted if c not in raw.columns]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -75,3 +76,16 @@ def test_help_lists_every_run_config_key(argv: list[str], capsys: pytest.Capture
         cli.build_parser().parse_args(argv)
     out = capsys.readouterr().out
     assert [k for k in keys if f"\n  {k} (" not in out] == []
+
+
+def test_flower_telemetry_is_off_unless_the_operator_turns_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import common.cli
+
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    importlib.reload(common.cli)  # what a fresh `fedsilo` process does before anything imports Flower
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    importlib.reload(common.cli)
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "1"
