@@ -15,8 +15,8 @@ pinned server), forwards the message to it and pushes its reply:
   (SO_PEERCRED);
 - it keeps what `client.reuse.RUN_CACHE` keeps within one process (the model skeleton, the split, the tokenised
   data); the ledger is charged in the worker, by the same `Department` code, before training, as before;
-- it ends after `warm_worker_idle_seconds` without a message (the run has ended) and with the SuperNode's executor
-  (its `--parent-pid`).
+- it ends once it has answered the evaluation of the job's last round, after `warm_worker_idle_seconds` without a
+  message (a run stopped or ended early), and with the SuperNode's executor (its `--parent-pid`).
 
 Messages and contexts travel as Flower's own protobuf messages (no pickle); the context the worker returns (SecAgg+
 keeps its state there) replaces the gate's before the gate pushes the reply.
@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 
 from client.compat import (
     ErrorCode,
@@ -53,6 +53,7 @@ from client.compat import (
 )
 from client.failures import public_reason
 from client.site import SiteConfig
+from common import keys
 from common.errors import FedsiloError, PolicyError
 from common.logs import FORMAT
 
@@ -220,22 +221,31 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def _serve_one(conn: socket.socket, run_id: int, digest: str) -> None:
+def last_message(message: Message, context: Context) -> bool:
+    """The evaluation of the job's last round: the last message of a run that ends as planned (the last round is
+    always evaluated, whatever `evaluate-every`)."""
+    rounds = context.run_config.get(keys.CFG_NUM_ROUNDS)
+    return (message.metadata.message_type == MessageType.EVALUATE and isinstance(rounds, int)
+            and message.metadata.group_id == str(rounds))
+
+
+def _serve_one(conn: socket.socket, run_id: int, digest: str) -> bool:
+    """Answer one gate's message; True when it was the run's last (`last_message`)."""
     parts = _recv(conn)
     header = json.loads(parts[0])
     if header.get("run_id") != run_id or header.get("digest") != digest or len(parts) != 3:
         log.error("worker: refused a message for run %s, app %s (serves run %s, app %s)", header.get("run_id"),
                   header.get("digest"), run_id, digest)
         _send(conn, json.dumps({"ok": False, "error": f"this worker serves run {run_id}, app {digest}"}).encode())
-        return
+        return False
     context = context_from_proto(ProtoContext.FromString(parts[2]))
     if context.run_id != run_id:
         _send(conn, json.dumps({"ok": False, "error": f"this worker serves run {run_id}"}).encode())
-        return
+        return False
     message = message_from_proto(ProtoMessage.FromString(parts[1]))
     if message.metadata.run_id != run_id:
         _send(conn, json.dumps({"ok": False, "error": f"this worker serves run {run_id}"}).encode())
-        return
+        return False
     site_name = None
     with contextlib.suppress(FedsiloError):
         from client.gate import site_of
@@ -247,6 +257,7 @@ def _serve_one(conn: socket.socket, run_id: int, digest: str) -> None:
              message.metadata.group_id or "-", time.perf_counter() - start)
     _send(conn, b'{"ok": true}', message_to_proto(reply).SerializeToString(),
           context_to_proto(context).SerializeToString())
+    return last_message(message, context)
 
 
 def serve(directory: Path, run_id: int, digest: str, idle_seconds: float) -> int:
@@ -273,7 +284,9 @@ def serve(directory: Path, run_id: int, digest: str, idle_seconds: float) -> int
             except TimeoutError:
                 log.info("worker: run %s: no message for %.0fs; ending", run_id, idle_seconds)
                 break
-            _serve_connection(conn, run_id, digest)
+            if _serve_connection(conn, run_id, digest):
+                log.info("worker: run %s: answered the evaluation of its last round; ending", run_id)
+                break
         # No new gate finds this worker now; serve those that connected just before.
         with _in_dir(directory), contextlib.suppress(FileNotFoundError):
             os.unlink(name)
@@ -288,19 +301,21 @@ def serve(directory: Path, run_id: int, digest: str, idle_seconds: float) -> int
         listener.close()
 
 
-def _serve_connection(conn: socket.socket, run_id: int, digest: str) -> None:
+def _serve_connection(conn: socket.socket, run_id: int, digest: str) -> bool:
+    """Serve one connection; True when it brought the run's last message."""
     with conn:
         conn.setblocking(True)
         uid = _peer_uid(conn)
         if uid != os.getuid():
             log.error("worker: refused a connection from uid %s", uid)
-            return
+            return False
         try:
-            _serve_one(conn, run_id, digest)
+            return _serve_one(conn, run_id, digest)
         except Exception as exc:  # noqa: BLE001 (an unreadable request is answered, and the worker serves on)
             log.error("worker: run %s: a request failed: %s: %s", run_id, type(exc).__name__, exc)
             with contextlib.suppress(OSError):
                 _send(conn, json.dumps({"ok": False, "error": f"unreadable request ({type(exc).__name__})"}).encode())
+            return False
 
 
 def main(argv: list[str] | None = None) -> int:

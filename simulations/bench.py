@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from client.plan import finetune_work
+from client.site import SiteConfig
 from common.config import JobConfig
 from common.data import DEPARTMENT, LABEL, TEXT, load_hutto
 from common.errors import ConfigError, FedsiloError
@@ -375,6 +376,7 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
         return _median([x[key] for x in steady[secagg] if x[key] is not None])
 
     out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1), "warm_worker": True,
+                           "poll_seconds": SiteConfig.__dataclass_fields__["poll_seconds"].default,
                            "runs": {"plain": runs[False], "secagg": runs[True]},
                            "exchanges_per_round": {"plain": DEPLOY_EXCHANGES[False], "secagg": DEPLOY_EXCHANGES[True]}}
     for name, secagg in (("plain", False), ("secagg", True)):
@@ -626,6 +628,14 @@ def _serving(dp: dict[str, Any]) -> str:
             "and data).")
 
 
+def _polling(dp: dict[str, Any]) -> str:
+    poll = dp.get("poll_seconds")
+    if poll is None:  # measured before the SuperNode's wait was the site's
+        return " Each SuperNode waited Flower's own 3 s before asking the SuperLink again for a message."
+    return (f" Each SuperNode asks the SuperLink for a message every {poll:g} s while it has none (site config "
+            "`poll_seconds`; Flower's own wait is 3 s).")
+
+
 def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
     s = dp["setup"]
     ex = dp["exchanges_per_round"]
@@ -634,7 +644,8 @@ def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:
              "as an operator starts them (`fedsilo server start`, `server register`, `client start` from site "
              f"configs); {s['model']}, DP, {s['rows']} rows per department, batch {s['batch']}, "
              f"{s['local_epochs']:g} local epoch, {s['rounds']} rounds per job, {s['runs']} job(s) per variant in "
-             "ABBA order; medians over rounds 2.. (round 1 is the probe round). " + _serving(dp) + " A plain round "
+             "ABBA order; medians over rounds 2.. (round 1 is the probe round). " + _serving(dp) + _polling(dp)
+             + " A plain round "
              f"is {ex['plain']} message exchanges (fit, evaluation), a SecAgg+ round {ex['secagg']} (setup, share "
              "keys, masked vectors, unmask, evaluation).", "",
              "| variant | round s | fit s | evaluation s | slowest training s |", "|---|---|---|---|---|"]

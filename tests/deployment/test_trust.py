@@ -12,6 +12,7 @@ import json
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,14 +127,18 @@ def test_job_asking_for_more_rounds_than_a_site_allows_is_declined_there(deploym
     assert not (root / "sites" / "cardiology" / "ledger.json").exists()  # declined before any charge
     oncology = LedgerFile(root / "sites" / "oncology" / "ledger.json", "oncology", 8.0, 1e-5, "rdp").read()
     assert [e.round for e in oncology.entries] == [1, 2]
-    # oncology served the job's messages in its warm worker, which charged its ledger: a directory and a socket of
-    # the site's user alone
+    # oncology served the job's messages in its warm worker, which charged its ledger, in a directory of the site's
+    # user alone (its socket's mode: tests/integration/test_worker_process.py); the worker ended once it had
+    # answered the last round's evaluation, and its socket went with it
     workers = root / "sites" / "oncology" / WORKER_DIR
     assert stat.S_IMODE(workers.stat().st_mode) == 0o700
     (log,) = [p for p in workers.glob("run-*.log") if "ledger: site oncology charged round 2" in p.read_text()]
+    deadline = time.monotonic() + 30  # the reply reaches the server before the worker writes its last line
+    while "answered the evaluation of its last round; ending" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "worker: serving run" in log.read_text()
-    sock = log.with_suffix(".sock")
-    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert "answered the evaluation of its last round; ending" in log.read_text()
+    assert not log.with_suffix(".sock").exists()
 
 
 def test_the_pinned_server_certificate_is_checked_against_the_live_server(deployment: dict) -> None:

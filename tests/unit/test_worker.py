@@ -9,6 +9,8 @@ import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -63,3 +65,20 @@ def test_a_worker_refuses_a_message_of_another_run_or_app() -> None:
             (status,) = _recv(ours)
             server.join(timeout=10)
         assert json.loads(status) == {"ok": False, "error": error}
+
+
+def test_the_worker_ends_with_the_evaluation_of_the_jobs_last_round() -> None:
+    from flwr.app import MessageType
+
+    from client.worker import last_message
+
+    context = Context(run_id=7, node_id=5, node_config={}, state=RecordDict(), run_config={"num-server-rounds": 3})
+
+    def message(kind: str, group: str) -> Any:  # Flower's Message needs a task identity to be built here
+        return SimpleNamespace(metadata=SimpleNamespace(message_type=kind, group_id=group))
+
+    assert last_message(message(MessageType.EVALUATE, "3"), context)
+    assert not last_message(message(MessageType.EVALUATE, "2"), context)
+    assert not last_message(message(MessageType.TRAIN, "3"), context)  # the last round's training: more to come
+    no_rounds = Context(run_id=7, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    assert not last_message(message(MessageType.EVALUATE, "3"), no_rounds)  # unknown: the idle timeout ends it
