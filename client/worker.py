@@ -15,6 +15,7 @@ pinned server), forwards the message to it and pushes its reply:
   (SO_PEERCRED);
 - it keeps what `client.reuse.RUN_CACHE` keeps within one process (the model skeleton, the split, the tokenised
   data); the ledger is charged in the worker, by the same `Department` code, before training, as before;
+- its log is `run-<run id>.log` there (the newest `KEPT_RUN_LOGS` runs' logs are kept);
 - it ends once it has answered the evaluation of the job's last round, after `warm_worker_idle_seconds` without a
   message (a run stopped or ended early), and with the SuperNode's executor (its `--parent-pid`).
 
@@ -147,7 +148,26 @@ def _connect(directory: Path, name: str) -> socket.socket | None:
     return sock
 
 
+KEPT_RUN_LOGS = 50  # the newest run logs a site keeps in its worker directory (one log per run)
+
+
+def prune_run_logs(directory: Path, keep: int = KEPT_RUN_LOGS) -> list[Path]:
+    """Remove all but the `keep` newest run logs of `directory`, with the lock of each run whose worker is gone (no
+    socket); the removed paths."""
+    logs = sorted(directory.glob("run-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for old in logs[keep:]:
+        if old.with_suffix(".sock").exists():
+            continue  # its worker still listens
+        for path in (old, old.with_suffix(".lock")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def _start(site: SiteConfig, directory: Path, context: Context, digest: str, parent_pid: int | None) -> None:
+    prune_run_logs(directory)
     args = [sys.executable, "-m", "client.worker", "--dir", str(directory), "--run-id", str(context.run_id),
             "--digest", digest, "--idle-seconds", str(site.warm_worker_idle_seconds)]
     if parent_pid is not None:

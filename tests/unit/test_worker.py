@@ -82,3 +82,18 @@ def test_the_worker_ends_with_the_evaluation_of_the_jobs_last_round() -> None:
     assert not last_message(message(MessageType.TRAIN, "3"), context)  # the last round's training: more to come
     no_rounds = Context(run_id=7, node_id=5, node_config={}, state=RecordDict(), run_config={})
     assert not last_message(message(MessageType.EVALUATE, "3"), no_rounds)  # unknown: the idle timeout ends it
+
+
+def test_a_site_keeps_the_newest_run_logs_of_its_workers(tmp_path: Path) -> None:
+    from client.worker import prune_run_logs
+
+    for run in range(6):
+        for suffix in (".log", ".lock"):
+            path = tmp_path / f"run-{run}{suffix}"
+            path.write_text("")
+            os.utime(path, (1000 + run, 1000 + run))  # run 5 is the newest
+    (tmp_path / "run-0.sock").write_text("")  # run 0's worker still listens: its log stays
+    removed = prune_run_logs(tmp_path, keep=3)
+    assert sorted(p.name for p in removed) == ["run-1.lock", "run-1.log", "run-2.lock", "run-2.log"]
+    assert sorted(p.name for p in tmp_path.glob("run-*.log")) == ["run-0.log", "run-3.log", "run-4.log", "run-5.log"]
+    assert prune_run_logs(tmp_path, keep=3) == []
