@@ -24,7 +24,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile
 
-# The developer's quick loop: everything not marked slow (no Ray simulation, no real deployment): under a minute
+# The developer's quick loop: everything not marked slow (no Ray simulation, no real deployment): about a minute
 # on 2 busy cores, 2 minutes at most.
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
