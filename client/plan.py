@@ -127,11 +127,14 @@ def plan_job(*, site: str, n: int, job: JobConfig, server_round: int, num_rounds
             steps = work.steps * rounds[phase]
             last = phase == FINETUNE or not rounds[FINETUNE]  # the last phase may use all that is left
             share = 1.0 if last else job.probe_epsilon_share
+            # a later round re-plans the rest of the job: its last charge at this rate is within about the
+            # search's tolerance of the answer
+            hint = next((s for s, q, _ in reversed(job_history) if q == work.sample_rate), None)
             sigma = _noise(planned_all, epsilon_budget, share, delta, work.sample_rate, steps, accountant,
-                           before=before)
+                           before=before, hint=hint)
             if job_cap is not None:
                 sigma = max(sigma, _noise(planned_job, job_cap, share, delta, work.sample_rate, steps, accountant,
-                                          before=[]))
+                                          before=[], hint=hint))
             sigmas[phase] = sigma
             planned_all.append((sigma, work.sample_rate, steps))
             planned_job.append((sigma, work.sample_rate, steps))
@@ -149,7 +152,7 @@ def plan_job(*, site: str, n: int, job: JobConfig, server_round: int, num_rounds
 
 
 def _noise(history: list[Charge], budget: float, share: float, delta: float, q: float, steps: int, accountant: str,
-           *, before: Sequence[Charge]) -> float:
+           *, before: Sequence[Charge], hint: float | None) -> float:
     """Noise for `steps` more steps at rate `q` after `history`, within `share` of what the budget leaves after
     `before` (the site's spending before this job; with share 1: within the budget)."""
     target = budget
@@ -157,7 +160,7 @@ def _noise(history: list[Charge], budget: float, share: float, delta: float, q: 
         spent_before = epsilon_spent(before, delta, accountant)
         target = spent_before + share * max(0.0, budget - spent_before)
     return noise_for_budget(history=history, epsilon_budget=target, delta=delta, q=q, steps=steps,
-                            accountant=accountant)
+                            accountant=accountant, hint=hint)
 
 
 def noise_warning(site: str, n: int, phase: PhasePlan, epsilon_budget: float) -> str | None:

@@ -100,15 +100,7 @@ def test_noise_search_is_precise_in_few_accountant_evaluations(monkeypatch: pyte
     the history and a few times for candidates, and the charge's epsilon afterwards costs no new curve."""
     import common.privacy as privacy
 
-    calls: list[float] = []
-    real = privacy.compute_rdp
-
-    def counting(**kwargs: float) -> object:
-        calls.append(kwargs["noise_multiplier"])
-        return real(**kwargs)
-
-    monkeypatch.setattr(privacy, "compute_rdp", counting)
-    privacy._rdp_curve.cache_clear()
+    calls = _counting_rdp(monkeypatch)
     q = 64 / 1200
     history = [(0.594, q, 5)]
     sigma = noise_for_budget(history=history, epsilon_budget=8.0, delta=DELTA, q=q, steps=10)
@@ -121,6 +113,72 @@ def test_noise_search_is_precise_in_few_accountant_evaluations(monkeypatch: pyte
     # the cached curves are read-only: nobody can corrupt a later epsilon through them
     with pytest.raises(ValueError, match="read-only"):
         privacy._rdp_curve(q, 0.594, 5)[0] = 0.0
+
+
+def _counting_rdp(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    import common.privacy as privacy
+
+    calls: list[float] = []
+    real = privacy.compute_rdp
+
+    def counting(**kwargs: float) -> object:
+        calls.append(kwargs["noise_multiplier"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(privacy, "compute_rdp", counting)
+    privacy._rdp_step.cache_clear()
+    return calls
+
+
+def test_a_charge_curve_is_opacus_own_for_its_steps() -> None:
+    """The cached one-step curve times the steps is exactly (bit for bit) Opacus' curve of the charge."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    import common.privacy as privacy
+
+    for q, sigma, steps in ((64 / 1200, 0.65, 10), (0.2, 4.5, 100), (1 / 7, 1.3, 1)):
+        ours = privacy._rdp_curve(q, sigma, steps)
+        theirs = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=privacy.RDP_ORDERS)
+        assert ours.tolist() == list(theirs)
+
+
+def test_a_later_round_replans_from_its_last_charge_in_two_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 3 of a job re-plans the job's last 2 rounds: started from round 2's noise (the hint), the search
+    computes at most 2 new curves and its answer is as precise as a search from scratch."""
+    q, budget = 64 / 1200, 8.0
+    probe = (4.5, 0.2, 100)
+    round2 = noise_for_budget(history=[probe], epsilon_budget=budget, delta=DELTA, q=q, steps=30)
+    history = [probe, (round2, q, 10)]
+    calls = _counting_rdp(monkeypatch)
+    epsilon_spent(history, DELTA)  # the ledger's history: its curves are cached before any plan
+    before = len(calls)
+    sigma = noise_for_budget(history=history, epsilon_budget=budget, delta=DELTA, q=q, steps=20, hint=round2)
+    assert len(calls) - before <= 2
+    assert epsilon_spent([*history, (sigma, q, 20)], DELTA) <= budget
+    assert epsilon_spent([*history, (sigma * 0.999, q, 20)], DELTA) > budget  # within the 0.1% tolerance
+    scratch = noise_for_budget(history=history, epsilon_budget=budget, delta=DELTA, q=q, steps=20)
+    assert sigma == pytest.approx(scratch, rel=2e-3)
+
+
+@pytest.mark.parametrize("off", [0.1, 0.98, 1.02, 10.0])
+def test_a_wrong_hint_gives_the_search_from_scratch(off: float) -> None:
+    q, history = 0.02, [(1.1, 0.02, 100)]
+    scratch = noise_for_budget(history=history, epsilon_budget=6.0, delta=DELTA, q=q, steps=100)
+    hinted = noise_for_budget(history=history, epsilon_budget=6.0, delta=DELTA, q=q, steps=100,
+                              hint=scratch * off)
+    assert hinted == scratch
+
+
+@pytest.mark.parametrize("hint", [0.0, -1.0, MAX_NOISE_MULTIPLIER * 2, math.inf, math.nan])
+def test_an_impossible_hint_is_ignored(hint: float) -> None:
+    kw = {"history": [], "epsilon_budget": 3.0, "delta": DELTA, "q": 0.05, "steps": 50}
+    assert noise_for_budget(**kw, hint=hint) == noise_for_budget(**kw)  # type: ignore[arg-type]
+
+
+def test_a_hint_does_not_rescue_an_exhausted_budget() -> None:
+    history = [(0.5, 0.1, 500)]
+    with pytest.raises(BudgetExhaustedError):
+        noise_for_budget(history=history, epsilon_budget=1.0, delta=DELTA, q=0.01, steps=10, hint=3.0)
 
 
 def test_noise_for_budget_more_budget_less_noise() -> None:
