@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -188,7 +189,7 @@ def base_fingerprint(model: torch.nn.Module) -> str:
         if not p.requires_grad:
             digest.update(name.encode())
             digest.update(str(tuple(p.shape)).encode())
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(p.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8))  # no copy: same bytes
     return digest.hexdigest()
 
 

@@ -1,5 +1,6 @@
 """Every private (undocumented) Flower name the server side uses: the workflow internals that `server.secagg`
-drives, the legacy strategy's ClientProxy type, and the SuperLink pieces `server.superlink` assembles.
+drives, the legacy strategy's ClientProxy type, the SuperLink pieces `server.superlink` assembles, and the
+simulation engine's message queue (`set_simulation_queue_poll`).
 
 Resolved on first use (see `common.compat`: the SuperLink's modules take half a second to import); checked name by
 name by `tests/unit/test_flower_compat.py`.
@@ -7,9 +8,13 @@ name by `tests/unit/test_flower_compat.py`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import importlib
+import inspect
+import threading
+from typing import TYPE_CHECKING, Any
 
-from common.compat import lazy_names
+from common.compat import FlowerCompatError, lazy_names
 
 if TYPE_CHECKING:
     from flwr.cli.supernode.register import try_load_public_key
@@ -66,6 +71,56 @@ __all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "SECAGG_CONFIGS_RECORD", "Clie
            "SuperLinkLifespan", "Workflow", "WorkflowKey", "combine_shares", "console_handler", "create_app",
            "create_shares", "default_evaluate_workflow", "default_fit_workflow", "get_federation_manager",
            "get_objectstore_linkstate_factories", "get_uvicorn_log_config", "parse_superlink_lifespan_config",
-           "try_load_public_key"]
+           "set_simulation_queue_poll", "try_load_public_key"]
+
+
+
+# ---------------------------------------------------------------- the simulation engine's message queue
+SIMULATION_QUEUE = "flwr.server.superlink.fleet.vce.vce_api"  # `add_messages_to_queue`: the engine's extractor
+FLOWER_QUEUE_POLL_SECONDS = 0.1  # it looks for each node's next message, then `f_stop.wait(0.1)`
+
+
+class _PolledStop:
+    """Flower's stop event as the simulation's message extractor sees it: its fixed 0.1 s wait lasts `poll` s;
+    everything else is the event's own."""
+
+    def __init__(self, event: threading.Event, poll: float) -> None:
+        self._event, self._poll = event, poll
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(self._poll if timeout == FLOWER_QUEUE_POLL_SECONDS else timeout)
+
+
+def set_simulation_queue_poll(seconds: float) -> None:
+    """Make Flower's simulation engine in this process look for the departments' next messages every `seconds`
+    (not every 0.1 s): each message of a round waited on average half that before a department saw it (a SecAgg+
+    round has five). In memory only, before the simulation starts; `FlowerCompatError` (nothing changed) if the
+    installed Flower's extractor is not the one described here."""
+    try:
+        module = importlib.import_module(SIMULATION_QUEUE)
+        current = module.add_messages_to_queue
+        original = getattr(current, "__wrapped__", current)
+        source = inspect.getsource(original)
+        params = list(inspect.signature(original).parameters)
+    except (ImportError, AttributeError, OSError, TypeError, ValueError) as exc:
+        raise FlowerCompatError(f"cannot read Flower's simulation message extractor in {SIMULATION_QUEUE}: "
+                                f"{exc}") from exc
+    if params != ["state", "queue", "nodes_mapping", "f_stop"] or \
+            f"f_stop.wait({FLOWER_QUEUE_POLL_SECONDS:g})" not in source:
+        from flwr import __version__
+
+        raise FlowerCompatError(f"Flower {__version__}'s simulation message extractor ({SIMULATION_QUEUE}."
+                                f"add_messages_to_queue) is not (state, queue, nodes_mapping, f_stop) waiting "
+                                f"f_stop.wait({FLOWER_QUEUE_POLL_SECONDS:g})")
+
+    @functools.wraps(original)
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        original(state, queue, nodes_mapping, _PolledStop(f_stop, seconds))
+
+    module.add_messages_to_queue = add_messages_to_queue
+
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 SECAGG_MODULUS = 2**32  # Flower's mask modulus; sums overflow past modulus / quantization_range departments
 POLL_SECONDS = 0.1  # how often an exchange asks the grid for its replies (Flower's deployment grid: every 3 s)
-FIRST_POLL_SECONDS = 0.01  # ... after its first waits, 0.01 s doubling up to POLL_SECONDS: a quick reply (in
-# simulation, in-memory) is collected within about 10 ms, not 50 ms on average
+FIRST_POLL_SECONDS = 0.01  # ... after its first waits, 0.01 s growing by half each time up to POLL_SECONDS: a
+POLL_GROWTH = 1.5  # quick reply (in simulation, in-memory) is collected within about 10-20 ms, not 50 ms on average
 
 
 OnHalt = Callable[[int, list[BaseException], int], None]  # round, failures, attempt
@@ -224,7 +224,7 @@ class StageTimeoutGrid(GridBase):
     missing reply makes it a dropout of that stage (SecAgg+ reconstructs its masks from the others' shares).
 
     `send_and_receive` is Flower's own (push the messages, pull their replies until all came or the time is up),
-    through the grid's public `push_messages` / `pull_messages`, but it polls after 0.01 s, then twice as long each
+    through the grid's public `push_messages` / `pull_messages`, but it polls after 0.01 s, then half as long again each
     time up to every 0.1 s (the simulation's `InMemoryGrid` polls every 0.1 s), where the deployment grid sleeps 3 s
     between pulls: a round has two exchanges (five with SecAgg+), and each waited on average 1.5 s for nothing.
     `sleep` and `clock` are there for tests.
@@ -281,7 +281,7 @@ class StageTimeoutGrid(GridBase):
             if not pending or remaining <= 0:
                 break
             self._sleep(min(wait, remaining))
-            wait = min(2 * wait, self._poll_interval)
+            wait = min(POLL_GROWTH * wait, self._poll_interval)
         self.error_replies = {r.metadata.src_node_id: int(r.error.code) for r in replies if r.has_error()}
         silent = {m.metadata.dst_node_id for m in out} - {r.metadata.src_node_id for r in replies}
         if silent:

@@ -24,6 +24,7 @@ from client.compat import Mod
 from client.plan import Plan
 from client.policy import split_address
 from client.site import SiteConfig, preflight_sites, simulated_sites
+from common.compat import FlowerCompatError
 from common.config import JobConfig, SimulationConfig, check_known_keys
 from common.data import resolve_job
 from common.errors import ConfigError, FedsiloError
@@ -33,6 +34,7 @@ from common.params import set_trainable
 from common.text import encode, evaluate
 from server.app import SimulatedSites, build_server_app
 from server.checkpoint import CHECKPOINT
+from server.compat import FLOWER_QUEUE_POLL_SECONDS, set_simulation_queue_poll
 from server.records import AggregateStatus, dump_report, read_report
 from server.report import REPORT_JSON, RunRecorder
 from server.resume import resume_job
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: ray.init() joins the cluster it names
 RAY_LOCAL = "local"  # ray.init's address for "start a new Ray here", whatever cluster this machine last joined
 RAY_CONNECT_TIMEOUT_S = 5.0
+MIN_QUEUE_POLL_SECONDS = 0.01  # the simulation engine's look for messages (`queue_poll_seconds`)
+QUEUE_POLL_SECONDS_PER_DEPARTMENT = 0.001
 
 
 class SimulationFailedError(FedsiloError):
@@ -187,6 +191,19 @@ def department_plans(rc: dict[str, bool | int | float | str], out_dir: Path) -> 
             for site in simulated_sites(job, sim, out_dir.resolve())]
 
 
+def queue_poll_seconds(departments: int) -> float:
+    """How often the simulation engine looks for the departments' next messages: 1 ms per department, from
+    0.01 s up to Flower's own 0.1 s (each look asks for every department's message)."""
+    return min(FLOWER_QUEUE_POLL_SECONDS, max(MIN_QUEUE_POLL_SECONDS, QUEUE_POLL_SECONDS_PER_DEPARTMENT * departments))
+
+
+def _set_queue_poll(departments: int) -> None:
+    try:
+        set_simulation_queue_poll(queue_poll_seconds(departments))
+    except FlowerCompatError as exc:
+        log.warning("simulate: keeping Flower's %g s message poll: %s", FLOWER_QUEUE_POLL_SECONDS, exc)
+
+
 def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
              on_round: Callable[[RunRecorder], None] | None = None, cpus_per_department: float = 1.0, *,
              resume: bool = False, client_mods: Sequence[Mod] = (), ray_address: str | None = None,
@@ -214,6 +231,8 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
         on_plans(plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     from flwr.simulation import run_simulation
+
+    _set_queue_poll(n_sites)
 
     adopt_flower_logger()  # Flower's import added its own console handler: its records are printed once, by ours
 

@@ -152,7 +152,7 @@ def test_the_server_keeps_each_departments_first_plan(tmp_path: Path) -> None:
 
 def test_each_later_round_keeps_the_jobs_noise_and_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds 2..4 of a job, each charging what its plan says: a later round's plan starts from the job's last
-    charge (one or two new RDP curves, not a search from scratch), keeps its noise within the search's tolerance,
+    charge (two or three new RDP curves, not a search from scratch), keeps its noise within the search's tolerance,
     and the whole job stays within the budget by an independent accountant."""
     import common.privacy as privacy
 
@@ -173,6 +173,6 @@ def test_each_later_round_keeps_the_jobs_noise_and_its_budget(monkeypatch: pytes
         assert finetune.rounds == JOB.num_server_rounds - server_round + 1
         sigmas.append(finetune.noise_multiplier)
         history.append((finetune.noise_multiplier, finetune.sample_rate, finetune.steps_per_round))
-    assert len(curves) <= 4  # two later rounds' plans; a search from scratch computes about 10 each
+    assert len(curves) <= 6  # two later rounds' plans; a search from scratch computes about 10 each
     assert max(sigmas) / min(sigmas) - 1 <= 1e-3
     assert _eps(history) <= 8.0 * (1 + 1e-6)

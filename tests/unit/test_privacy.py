@@ -142,9 +142,9 @@ def test_a_charge_curve_is_opacus_own_for_its_steps() -> None:
         assert ours.tolist() == list(theirs)
 
 
-def test_a_later_round_replans_from_its_last_charge_in_two_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_later_round_replans_from_its_last_charge_in_a_few_curves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Round 3 of a job re-plans the job's last 2 rounds: started from round 2's noise (the hint), the search
-    computes at most 2 new curves and its answer is as precise as a search from scratch."""
+    computes at most 3 new curves and its answer is as precise as a search from scratch."""
     q, budget = 64 / 1200, 8.0
     probe = (4.5, 0.2, 100)
     round2 = noise_for_budget(history=[probe], epsilon_budget=budget, delta=DELTA, q=q, steps=30)
@@ -153,7 +153,7 @@ def test_a_later_round_replans_from_its_last_charge_in_two_curves(monkeypatch: p
     epsilon_spent(history, DELTA)  # the ledger's history: its curves are cached before any plan
     before = len(calls)
     sigma = noise_for_budget(history=history, epsilon_budget=budget, delta=DELTA, q=q, steps=20, hint=round2)
-    assert len(calls) - before <= 2
+    assert len(calls) - before <= 3
     assert epsilon_spent([*history, (sigma, q, 20)], DELTA) <= budget
     assert epsilon_spent([*history, (sigma * 0.999, q, 20)], DELTA) > budget  # within the 0.1% tolerance
     scratch = noise_for_budget(history=history, epsilon_budget=budget, delta=DELTA, q=q, steps=20)

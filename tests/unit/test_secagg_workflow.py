@@ -14,6 +14,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from server.compat import SECAGG_CONFIGS_RECORD, SecAggKey, combine_shares, create_shares
 from server.secagg import (
     FIRST_POLL_SECONDS,
+    POLL_GROWTH,
     POLL_SECONDS,
     ReportingSecAggPlusWorkflow,
     StageTimeoutGrid,
@@ -94,11 +95,13 @@ def test_replies_are_collected_as_soon_as_they_come() -> None:
     grid, inner, clock = _grid({1: 0.0, 2: 0.35, 3: 0.9})
     replies = list(grid.send_and_receive([_to(1), _to(2), _to(3)]))
     assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
-    # polls after 0.01, 0.03, 0.07, 0.15 s, then every 0.1 s: done at the first poll after the last reply (0.9 s),
-    # at 0.95 s, not 3 s later
-    assert clock.sleeps[:5] == pytest.approx([FIRST_POLL_SECONDS, 0.02, 0.04, 0.08, POLL_SECONDS])
-    assert all(s == pytest.approx(POLL_SECONDS) for s in clock.sleeps[4:])
-    assert clock.now - 100.0 == pytest.approx(0.95)
+    # waits of 0.01 s growing by half up to 0.1 s (polls at 0.01, 0.025, 0.0475, 0.081, 0.132, 0.208, 0.308 s), then
+    # every 0.1 s: done at the first poll after the last reply (0.9 s), at 0.908 s, not 3 s later
+    growing = [FIRST_POLL_SECONDS * POLL_GROWTH ** k for k in range(6)]
+    assert growing == pytest.approx([0.01, 0.015, 0.0225, 0.03375, 0.050625, 0.0759375])
+    assert clock.sleeps[:7] == pytest.approx([*growing, POLL_SECONDS])
+    assert all(s == pytest.approx(POLL_SECONDS) for s in clock.sleeps[6:])
+    assert clock.now - 100.0 == pytest.approx(sum(growing) + 7 * POLL_SECONDS)
     assert inner.pulls[0] == {"m1", "m2", "m3"} and inner.pulls[-1] == {"m3"}  # answered messages are not re-asked
 
 
