@@ -71,7 +71,7 @@ __all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "SECAGG_CONFIGS_RECORD", "Clie
            "SuperLinkLifespan", "Workflow", "WorkflowKey", "combine_shares", "console_handler", "create_app",
            "create_shares", "default_evaluate_workflow", "default_fit_workflow", "get_federation_manager",
            "get_objectstore_linkstate_factories", "get_uvicorn_log_config", "parse_superlink_lifespan_config",
-           "set_simulation_queue_poll", "try_load_public_key"]
+           "try_load_public_key"]
 
 
 

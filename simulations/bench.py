@@ -89,7 +89,7 @@ class DeploySetup(Settings):
     model: str = option(help="model (the run-config key model)", nonempty=True)
     departments: int = option(help="departments, one SuperNode each", ge=2)
     rows: int = option(help="rows per department (80% train)", ge=1)
-    rounds: int = option(help="rounds per job; round 1 (the probe round) is left out of the medians", ge=3)
+    rounds: int = option(help="rounds per job; round 1 (the probe round) is left out of the medians", ge=2)
     runs: int = option(help="jobs per variant, in ABBA order (plain, SecAgg+, SecAgg+, plain, ...)", ge=1)
     batch: int = option(help="expected batch size (batch-size)", gt=0)
     local_epochs: float = option(help="fraction of a department's data visited per round (local-epochs)", gt=0)
@@ -132,7 +132,7 @@ QUICK = BenchSetup(
     overhead=(_QUICK_SIM,),
     scale=replace(_QUICK_SIM, departments=4),
     comm_model="tiny-random",
-    deploy=DeploySetup(model="tiny-random", departments=2, rows=60, rounds=3, runs=1, batch=8, local_epochs=0.5,
+    deploy=DeploySetup(model="tiny-random", departments=2, rows=60, rounds=2, runs=1, batch=8, local_epochs=0.5,
                        max_length=16),
 )
 
