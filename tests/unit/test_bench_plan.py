@@ -41,6 +41,10 @@ def test_overhead_section_renders_old_and_new_bench_json() -> None:
         # 0.25 epoch of 1200 rows would be 5 steps: a department takes at least min-local-steps (10)
         assert "| 1200 | 10 | 17.60 | 15.00 | 15.1% (goal <= 5%: missed) |" in text
     assert "| 2960 | 12 | 17.60 | 15.00 | 5.0% (goal <= 5%: met) |" in text
+    assert "engine looks" not in text  # a bench.json from before the engine's poll was set
+    text = bench_markdown({"machine": MACHINE, "quick": False, "overhead": {**overhead, "queue_poll_seconds": 0.01}},
+                          only_part="overhead")
+    assert "looks for each department's next message every 0.01 s (Flower's own wait: 0.1 s" in text
 
 
 def test_sim_setups_take_keywords_and_check_themselves() -> None:
@@ -100,4 +104,5 @@ def test_deploy_part_is_measured_only_when_named(tmp_path: Path) -> None:
     assert "deploy" in ALL_PARTS and "deploy" not in PARTS
     with pytest.raises(ConfigError, match="choose from dp, secagg, overhead, comm, scale, deploy"):
         run_bench(tmp_path / "b", quick=True, only=["deploy", "nope"])
-    assert QUICK.deploy.rounds >= 3 and FULL.deploy.runs == 2  # rounds 2.. are fine-tuning rounds
+    # round 1 is the probe round: the medians are over rounds 2.. (fine-tuning), one of them in the quick form
+    assert QUICK.deploy.rounds >= 2 and FULL.deploy.rounds >= 3 and FULL.deploy.runs == 2
