@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
     from flwr.common.constant import (
         HEARTBEAT_DEFAULT_INTERVAL,
+        HEARTBEAT_MAX_INTERVAL,
         HEARTBEAT_MIN_INTERVAL,
         HEARTBEAT_PATIENCE,
         ErrorCode,
@@ -97,6 +98,7 @@ FLOWER_NAMES: dict[str, str] = {
     # the server's error codes, and the heartbeat window; the SuperNode's connection (tests: the line it logs)
     "HEARTBEAT_DEFAULT_INTERVAL": "flwr.common.constant:HEARTBEAT_DEFAULT_INTERVAL",
     "HEARTBEAT_MIN_INTERVAL": "flwr.common.constant:HEARTBEAT_MIN_INTERVAL",
+    "HEARTBEAT_MAX_INTERVAL": "flwr.common.constant:HEARTBEAT_MAX_INTERVAL",
     "HEARTBEAT_PATIENCE": "flwr.common.constant:HEARTBEAT_PATIENCE",
     "ActivateNodeRequest": "flwr.proto.fleet_pb2:ActivateNodeRequest",
     "DeactivateNodeRequest": "flwr.proto.fleet_pb2:DeactivateNodeRequest",
@@ -108,7 +110,8 @@ FLOWER_NAMES: dict[str, str] = {
     "NodeAuthHttpInterceptor": "flwr.supernode.node_auth_http_interceptor:NodeAuthHttpInterceptor",
     "http_request_response": "flwr.supernode.fleet_http_connection:http_request_response",
 }
-__all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MIN_INTERVAL",
+__all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MAX_INTERVAL",
+           "HEARTBEAT_MIN_INTERVAL",
            "HEARTBEAT_PATIENCE", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ActivateNodeRequest", "ApiErrorCode",
            "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient", "FlowerError",
            "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "ProtoContext", "ProtoMessage", "RuntimeHttpClient",
@@ -164,6 +167,43 @@ def set_supernode_polls(idle: float, reply: float) -> None:
         raise FlowerCompatError(f"Flower {__version__}'s SuperNode loop ({SUPERNODE_LOOP}) has no "
                                 f"{' and no '.join(missing) or 'module-level time'}")
     module.time = _SuperNodeClock(idle, reply)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the SuperNode's heartbeat (client.supernode)
+# The SuperNode declares its heartbeat interval to the SuperLink (fleet connection) and sends heartbeats at that
+# pace (Flower's HeartbeatSender): both read Flower's fixed HEARTBEAT_DEFAULT_INTERVAL (30 s) from their module.
+SUPERNODE_HEARTBEAT_USES = {
+    "flwr.supernode.fleet_http_connection": "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL",
+    "flwr.supercore.heartbeat": "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT",
+}
+
+
+def set_supernode_heartbeat(seconds: float) -> None:
+    """Make the SuperNode of this process declare, and keep, a heartbeat every `seconds` (Flower's is a fixed
+    30 s): the SuperLink counts the node gone after `HEARTBEAT_PATIENCE` intervals without one. In memory only,
+    before Flower's SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower does not read
+    the interval where described here, and `ValueError` outside the range Flower's SuperLink accepts."""
+    from client import compat
+    from common.compat import FlowerCompatError
+
+    low, high = compat.HEARTBEAT_MIN_INTERVAL, compat.HEARTBEAT_MAX_INTERVAL
+    if not low <= seconds <= high:
+        raise ValueError(f"a heartbeat interval must be from {low} to {high} s, got {seconds:g}")
+    modules = []
+    for name, use in SUPERNODE_HEARTBEAT_USES.items():
+        try:
+            module = importlib.import_module(name)
+            source = inspect.getsource(module)
+        except (ImportError, OSError, TypeError) as exc:
+            raise FlowerCompatError(f"cannot read Flower's {name}: {exc}") from exc
+        if use not in source or not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
+            from flwr import __version__
+
+            raise FlowerCompatError(f"Flower {__version__}'s {name} does not read its heartbeat interval as "
+                                    f"`{use}`")
+        modules.append(module)
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

@@ -40,13 +40,15 @@ SUPEREXEC_POLL_SECONDS = "0.1"
 def supernode_env(base: dict[str, str] | None = None, site: SiteConfig | None = None) -> dict[str, str]:
     """The environment the SuperNode runs with (the current one if `base` is None): its executor polls for
     tasks every 0.1 s, unless `base` already sets the interval (the operator's choice stands); with `site`, the
-    SuperNode's idle wait is the site's `poll_seconds` and its wait for a reply 0.1 s (`client.supernode`)."""
-    from client.supernode import POLL_ENV, REPLY_POLL_ENV, REPLY_POLL_SECONDS
+    SuperNode's idle wait is the site's `poll_seconds`, its wait for a reply 0.1 s and its heartbeat interval the
+    site's `heartbeat_seconds` (`client.supernode`)."""
+    from client.supernode import HEARTBEAT_ENV, POLL_ENV, REPLY_POLL_ENV, REPLY_POLL_SECONDS
 
     env = dict(os.environ if base is None else base)
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
     if site is not None:
         env[POLL_ENV] = repr(site.poll_seconds)
+        env[HEARTBEAT_ENV] = repr(site.heartbeat_seconds)
         env.setdefault(REPLY_POLL_ENV, REPLY_POLL_SECONDS)
     return env
 

@@ -70,11 +70,12 @@ class Probe:
     issuer: str | None = None  # issuer of the certificate the server presented (WRONG_CA, HOSTNAME)
 
 
-def heartbeat_window_s() -> int:
-    """How long the server keeps a node online after its last heartbeat (Flower's patience x default interval)."""
+def heartbeat_window_s(interval: float | None = None) -> int:
+    """How long the server keeps a node online after its last heartbeat: Flower's patience x the node's heartbeat
+    interval (`interval`, the site's `heartbeat_seconds`; None: Flower's default)."""
     from client import compat
 
-    return int(compat.HEARTBEAT_PATIENCE * compat.HEARTBEAT_DEFAULT_INTERVAL)
+    return int(compat.HEARTBEAT_PATIENCE * (interval or compat.HEARTBEAT_DEFAULT_INTERVAL))
 
 
 def _no_verify() -> ssl.SSLContext:
@@ -362,7 +363,11 @@ def start_supernode(site: str, config: Path, address: str, ca: Path | None, node
         return status
     if watch.activation_failed and ca is not None and node_key is not None:
         registered = key_registered(address, ca, node_key)
-        raise JoinError(activation_failure_message(site, address, node_key, registered, heartbeat_window_s()))
+        from client.supernode import HEARTBEAT_ENV
+
+        interval = float(env[HEARTBEAT_ENV]) if HEARTBEAT_ENV in env else None
+        raise JoinError(activation_failure_message(site, address, node_key, registered,
+                                                   heartbeat_window_s(interval)))
     if watch.connection_failed:  # e.g. the server was not up at the pre-flight, and came up with another CA
         probe = probe_server(address, ca)
         message = tls_failure_message(site, config, address, ca, probe,

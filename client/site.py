@@ -67,6 +67,10 @@ class SiteConfig(Settings):
                                  "has no message (Flower's own wait is 3 s: each of a round's message exchanges "
                                  "waits up to this long); a shorter wait costs the server one small request more",
                                  ge=0.05, le=3)
+    heartbeat_seconds: float = option(30.0, help="how often the SuperNode tells the server it is alive; the server "
+                                      "counts the site gone, and a round stops waiting for it, after 2 intervals "
+                                      "without one (Flower's own interval is 30 s; its server accepts 10 to 1800)",
+                                      ge=10, le=1800)
     warm_worker: bool = option(True, help="serve a run's messages in one warm process per run (client.worker: the "
                                "site's installed fedsilo, started by the gate after its checks, reachable only by "
                                "the site's user) instead of a fresh process per message")

@@ -12,6 +12,10 @@ Nothing else changes, and nothing on disk is patched: `client.compat.set_superno
 knows the two waits, and `tests/unit/test_client_deploy.py` fails on a Flower whose SuperNode no longer has them.
 A shorter idle wait costs the SuperLink one more small request per site per wait (at 0.5 s: 2 per second per
 idle site).
+
+It also sets the SuperNode's heartbeat interval (`FEDSILO_HEARTBEAT_SECONDS`, from the site config's
+`heartbeat_seconds`; Flower's is a fixed 30 s): the SuperLink counts a site gone, and a round stops waiting for
+it, after 2 intervals without a heartbeat (`client.compat.set_supernode_heartbeat`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ log = logging.getLogger(__name__)
 POLL_ENV = "FEDSILO_POLL_SECONDS"
 REPLY_POLL_ENV = "FEDSILO_REPLY_POLL_SECONDS"
 REPLY_POLL_SECONDS = "0.1"
+HEARTBEAT_ENV = "FEDSILO_HEARTBEAT_SECONDS"
 
 
-def _seconds(name: str) -> float | None:
+def _seconds(name: str, low: float = 0.01, high: float = 60) -> float | None:
     value = os.environ.get(name)
     if value is None:
         return None
@@ -35,23 +40,32 @@ def _seconds(name: str) -> float | None:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0.01 <= seconds <= 60:
-        raise SystemExit(f"fedsilo: {name} must be a number of seconds from 0.01 to 60, got {value!r}.")
+    if not low <= seconds <= high:
+        raise SystemExit(f"fedsilo: {name} must be a number of seconds from {low:g} to {high:g}, got {value!r}.")
     return seconds
 
 
 def main() -> None:
-    from client.compat import FLOWER_IDLE_POLL_SECONDS, FLOWER_REPLY_POLL_SECONDS, flower_supernode, set_supernode_polls
+    from client import compat
     from common.compat import FlowerCompatError
 
-    idle = _seconds(POLL_ENV) or FLOWER_IDLE_POLL_SECONDS
-    reply = _seconds(REPLY_POLL_ENV) or FLOWER_REPLY_POLL_SECONDS
+    idle = _seconds(POLL_ENV) or compat.FLOWER_IDLE_POLL_SECONDS
+    reply = _seconds(REPLY_POLL_ENV) or compat.FLOWER_REPLY_POLL_SECONDS
+    heartbeat = _seconds(HEARTBEAT_ENV, compat.HEARTBEAT_MIN_INTERVAL, compat.HEARTBEAT_MAX_INTERVAL)
     try:
-        set_supernode_polls(idle, reply)
+        compat.set_supernode_polls(idle, reply)
     except FlowerCompatError as exc:  # slower rounds, nothing else: the site still runs Flower's own SuperNode
         logging.basicConfig(level=logging.INFO)
         log.warning("client: %s; the SuperNode keeps Flower's own waits (%gs idle, %gs for a reply).", exc,
-                    FLOWER_IDLE_POLL_SECONDS, FLOWER_REPLY_POLL_SECONDS)
+                    compat.FLOWER_IDLE_POLL_SECONDS, compat.FLOWER_REPLY_POLL_SECONDS)
+    if heartbeat is not None:
+        try:
+            compat.set_supernode_heartbeat(heartbeat)
+        except FlowerCompatError as exc:  # a dead site is noticed later, nothing else
+            logging.basicConfig(level=logging.INFO)
+            log.warning("client: %s; the SuperNode keeps Flower's own heartbeat (%gs).", exc,
+                        compat.HEARTBEAT_DEFAULT_INTERVAL)
+    flower_supernode = compat.flower_supernode
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -120,10 +120,11 @@ class ProcessFamily:
 def write_site_config(site: Path, name: str, port: int, certs: Path | None, *, data: str = "notes.csv",
                       ca: Path | None = None, key: str | None = None, host: str = "127.0.0.1",
                       policy: str = APPROVE_INSTALLED, epsilon: float = 8.0, require_secagg: bool = True,
-                      warm_worker: bool | None = None) -> Path:
+                      warm_worker: bool | None = None, heartbeat_seconds: float | None = None) -> Path:
     """`site`/site.toml for department `name` (its data `data` relative to `site`, its ledger ledger.json there),
     joining the server at host:port: over TLS with `certs`' CA (or `ca`) and node key `certs`/`key` (default: the
-    department's name), or in plaintext when `certs` is None. `warm_worker`: None keeps the site config's default."""
+    department's name), or in plaintext when `certs` is None. `warm_worker`, `heartbeat_seconds`: None keeps the
+    site config's default."""
     site.mkdir(parents=True, exist_ok=True)
     lines = [f'name = "{name}"', f'data = "{data}"', f"epsilon = {epsilon}", "delta = 1e-5",
              'ledger = "ledger.json"', f'server = "{host}:{port}"']
@@ -131,6 +132,8 @@ def write_site_config(site: Path, name: str, port: int, certs: Path | None, *, d
         lines.append("require_secagg = false")
     if warm_worker is not None:
         lines.append(f"warm_worker = {str(warm_worker).lower()}")
+    if heartbeat_seconds is not None:
+        lines.append(f"heartbeat_seconds = {heartbeat_seconds!r}")
     if certs is None:
         lines.append("insecure = true")
     else:

@@ -18,9 +18,11 @@ Processes = ProcessFamily  # every process a test starts, stopped with its famil
 
 
 def write_site(root: Path, name: str, port: int, certs: Path, *, ca: Path | None = None, key: str | None = None,
-               insecure: bool = False, host: str = "127.0.0.1", policy: str = APPROVE_INSTALLED) -> Path:
+               insecure: bool = False, host: str = "127.0.0.1", policy: str = APPROVE_INSTALLED,
+               heartbeat_seconds: float | None = None) -> Path:
     site = root / "sites" / name
     site.mkdir(parents=True, exist_ok=True)
     frame = make_department_frame({name: SITES.get(name, 40)})
     frame[["text", "label"]].to_csv(site / "notes.csv", index=False)
-    return write_site_config(site, name, port, None if insecure else certs, ca=ca, key=key, host=host, policy=policy)
+    return write_site_config(site, name, port, None if insecure else certs, ca=ca, key=key, host=host, policy=policy,
+                             heartbeat_seconds=heartbeat_seconds)

@@ -33,7 +33,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 DEPARTMENTS = ("cardiology", "oncology", "radiology")
 # 2 of 3 departments reconstruct the masks; a round starts when all 3 departments are online. The stage timeout is
 # generous (a busy CI machine runs another test beside this one): the dead node is answered for by the SuperLink
-# once it has missed its heartbeats (2 x 30 s), before the timeout.
+# once it has missed its heartbeats (2 x the sites' heartbeat_seconds: 2 x 10 s here, Flower's shortest; 2 x 30 s
+# by default), before the timeout.
+HEARTBEAT_SECONDS = 10.0
 FAILURE_JOB = [*JOB, "-c", "secagg-reconstruction-threshold=0.6", "-c", "stage-timeout=300.0", "-c",
                "min-departments=3"]
 
@@ -65,7 +67,7 @@ class Deployment:
         wait_for_port(self.port, self.server)
 
     def start_client(self, name: str) -> None:
-        site = write_site(self.root, name, self.port, self.certs)
+        site = write_site(self.root, name, self.port, self.certs, heartbeat_seconds=HEARTBEAT_SECONDS)
         self.clients[name] = self.procs.start([*FEDSILO, "client", "start", "--site-config", str(site), "--port",
                                                str(free_port())], self.root / f"{name}-{len(self.procs.procs)}.log")
 
@@ -149,8 +151,13 @@ def test_department_killed_mid_round_drops_out_and_rejoins(deployment: Deploymen
 
     _wait("the department's first SecAgg+ reply of round 1", victim_answered_round_1)
     d.procs.kill(d.clients[victim])  # in the SecAgg+ exchange of round 1, before its masked update
+    killed = time.monotonic()
     _wait("the SuperLink to mark the dead node offline", lambda: d.node_status(victim) == "offline", timeout=180,
           every=3)
+    # The site's 10 s heartbeat, not Flower's 30 s: its last heartbeat came at most (10 - 5) x 0.9 s before the
+    # kill, so the SuperLink sees it gone within 20 s of the kill; with 30 s it could not before 60 - 22.5 s.
+    gone = time.monotonic() - killed
+    assert gone < 2 * 30 - (30 - 5) * 0.9, f"the dead node went offline {gone:.0f}s after the kill"
     d.start_client(victim)  # its host comes back; round 2 waits for all three (min-departments)
     d.finished(job)
 

@@ -4,6 +4,7 @@ the SuperNode (`client.supernode`) waits the site's `poll_seconds` for a message
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from client import cli, deploy, join, supernode
 from client.compat import SUPERNODE_LOOP, get_task_poll_interval, set_supernode_polls
 from client.deploy import SUPEREXEC_POLL_ENV, supernode_env
 from client.site import SiteConfig
-from client.supernode import POLL_ENV, REPLY_POLL_ENV
+from client.supernode import HEARTBEAT_ENV, POLL_ENV, REPLY_POLL_ENV
 from common.compat import FlowerCompatError, resolve
 
 
@@ -44,7 +45,7 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
         return 0
 
     site = SimpleNamespace(name="cardiology", insecure=False, ca="ca.crt", node_key="cardiology", server="h:1",
-                           poll_seconds=0.25)
+                           poll_seconds=0.25, heartbeat_seconds=12.0)
     gate = tmp_path / "gate"
     gate.mkdir()
     monkeypatch.setattr(deploy, "supernode_command", lambda *_a, **_k: ["flower-supernode"])
@@ -56,6 +57,7 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
     assert ran["cmd"] == ["flower-supernode"] and ran["env"]["PATH"].split(os.pathsep)[0] == str(gate)
     assert ran["env"][SUPEREXEC_POLL_ENV] == "0.1"
     assert (ran["env"][POLL_ENV], ran["env"][REPLY_POLL_ENV]) == ("0.25", "0.1")  # the SuperNode's waits
+    assert ran["env"][HEARTBEAT_ENV] == "12.0"  # and its heartbeat
     assert not gate.exists()  # the gate's directory goes with the SuperNode
     assert (ran["site"], ran["address"], ran["ca"], ran["node_key"]) == ("cardiology", "h:1", Path("ca.crt"),
                                                                          Path("cardiology"))
@@ -117,4 +119,50 @@ def test_the_supernode_process_sets_its_waits_then_runs_flowers_supernode(monkey
     assert calls == [("flower", None)] and "keeps Flower's own waits" in caplog.text
     monkeypatch.setenv(POLL_ENV, "soon")
     with pytest.raises(SystemExit, match="FEDSILO_POLL_SECONDS must be a number of seconds"):
+        supernode.main()
+
+
+def test_the_supernode_declares_and_keeps_the_sites_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's SuperNode declares its heartbeat interval when it activates and heartbeats at that pace; both read
+    Flower's fixed 30 s from their module, and both take the site's interval, in memory."""
+    modules = [resolve(name) for name in client.compat.SUPERNODE_HEARTBEAT_USES]
+    for module in modules:
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)  # restored
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [30, 30]  # Flower 1.41 and 1.42
+    client.compat.set_supernode_heartbeat(12.0)  # the installed Flower reads it where described, or this raises
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [12.0, 12.0]
+    with pytest.raises(ValueError, match="from 10 to 1800 s, got 5"):
+        client.compat.set_supernode_heartbeat(5)  # Flower's SuperLink would refuse the node's activation
+
+
+def test_a_flower_reading_its_heartbeat_elsewhere_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    modules = [resolve(name) for name in client.compat.SUPERNODE_HEARTBEAT_USES]
+    for module in modules:
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(client.compat.inspect, "getsource", lambda _m: "INTERVAL = 30\n")
+    with pytest.raises(FlowerCompatError, match="does not read its heartbeat interval"):
+        client.compat.set_supernode_heartbeat(12.0)
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [30, 30]
+
+
+def test_the_supernode_process_sets_the_heartbeat_or_keeps_flowers(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[tuple[str, Any]] = []
+    monkeypatch.setattr(client.compat, "set_supernode_polls", lambda idle, reply: None)
+    monkeypatch.setattr(client.compat, "set_supernode_heartbeat", lambda s: calls.append(("heartbeat", s)))
+    monkeypatch.setattr(client.compat, "flower_supernode", lambda: calls.append(("flower", None)), raising=False)
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    monkeypatch.setenv(HEARTBEAT_ENV, "15")
+    supernode.main()
+    assert calls == [("heartbeat", 15.0), ("flower", None)]
+
+    def refuse(_seconds: float) -> None:
+        raise FlowerCompatError("Flower 9's flwr.supercore.heartbeat does not read its heartbeat interval")
+
+    monkeypatch.setattr(client.compat, "set_supernode_heartbeat", refuse)
+    with caplog.at_level(logging.WARNING):
+        supernode.main()
+    assert "the SuperNode keeps Flower's own heartbeat (30s)" in caplog.text
+    monkeypatch.setenv(HEARTBEAT_ENV, "5")
+    with pytest.raises(SystemExit, match="FEDSILO_HEARTBEAT_SECONDS must be a number of seconds from 10 to 1800"):
         supernode.main()
