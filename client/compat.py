@@ -7,8 +7,6 @@ Resolved on first use (see `common.compat`); checked name by name by `tests/unit
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import time
 import types
 from typing import TYPE_CHECKING, Any
@@ -152,20 +150,14 @@ def set_supernode_polls(idle: float, reply: float) -> None:
     message, and `reply` seconds (not 0.5) between looks for a ClientApp's reply. In memory only, before Flower's
     SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower's loop is not the one
     described here."""
-    from common.compat import FlowerCompatError
+    from common.compat import flower_mismatch, flower_source
 
-    try:
-        module = importlib.import_module(SUPERNODE_LOOP)
-        source = inspect.getsource(module)
-    except (ImportError, OSError, TypeError) as exc:
-        raise FlowerCompatError(f"cannot read Flower's SuperNode loop {SUPERNODE_LOOP}: {exc}") from exc
+    module, source = flower_source(SUPERNODE_LOOP)
     waits = [f"time.sleep({FLOWER_IDLE_POLL_SECONDS:g})", f"time.sleep({FLOWER_REPLY_POLL_SECONDS:g})"]
     missing = [w for w in waits if w not in source]
     if missing or not isinstance(getattr(module, "time", None), (types.ModuleType, _SuperNodeClock)):
-        from flwr import __version__
-
-        raise FlowerCompatError(f"Flower {__version__}'s SuperNode loop ({SUPERNODE_LOOP}) has no "
-                                f"{' and no '.join(missing) or 'module-level time'}")
+        raise flower_mismatch(f"SuperNode loop ({SUPERNODE_LOOP}) has no "
+                              f"{' and no '.join(missing) or 'module-level time'}")
     module.time = _SuperNodeClock(idle, reply)  # type: ignore[attr-defined]
 
 
@@ -184,23 +176,16 @@ def set_supernode_heartbeat(seconds: float) -> None:
     before Flower's SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower does not read
     the interval where described here, and `ValueError` outside the range Flower's SuperLink accepts."""
     from client import compat
-    from common.compat import FlowerCompatError
+    from common.compat import flower_mismatch, flower_source
 
     low, high = compat.HEARTBEAT_MIN_INTERVAL, compat.HEARTBEAT_MAX_INTERVAL
     if not low <= seconds <= high:
         raise ValueError(f"a heartbeat interval must be from {low} to {high} s, got {seconds:g}")
     modules = []
     for name, use in SUPERNODE_HEARTBEAT_USES.items():
-        try:
-            module = importlib.import_module(name)
-            source = inspect.getsource(module)
-        except (ImportError, OSError, TypeError) as exc:
-            raise FlowerCompatError(f"cannot read Flower's {name}: {exc}") from exc
+        module, source = flower_source(name)
         if use not in source or not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
-            from flwr import __version__
-
-            raise FlowerCompatError(f"Flower {__version__}'s {name} does not read its heartbeat interval as "
-                                    f"`{use}`")
+            raise flower_mismatch(f"{name} does not read its heartbeat interval as `{use}`")
         modules.append(module)
     for module in modules:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]

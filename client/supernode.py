@@ -65,9 +65,8 @@ def main() -> None:
             logging.basicConfig(level=logging.INFO)
             log.warning("client: %s; the SuperNode keeps Flower's own heartbeat (%gs).", exc,
                         compat.HEARTBEAT_DEFAULT_INTERVAL)
-    flower_supernode = compat.flower_supernode
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    compat.flower_supernode()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ is used: the Flower CLI's and SuperLink's modules take up to half a second to im
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,24 @@ def resolve(target: str) -> Any:
     module, _, attribute = target.partition(":")
     value: Any = importlib.import_module(module)
     return getattr(value, attribute) if attribute else value
+
+
+def flower_source(target: str) -> tuple[Any, str]:
+    """The object `target` names (as `resolve`) and its source code: what an in-memory change to Flower reads
+    before it changes anything (`client.compat`, `server.compat`); `FlowerCompatError` if either cannot be read."""
+    try:
+        value = resolve(target)
+        return value, inspect.getsource(value)
+    except (ImportError, AttributeError, OSError, TypeError) as exc:
+        raise FlowerCompatError(f"cannot read Flower's {target}: {exc}") from exc
+
+
+def flower_mismatch(what: str) -> FlowerCompatError:
+    """The error for an installed Flower whose code is not what an in-memory change checked: "Flower <version>'s
+    `what`"."""
+    from flwr import __version__
+
+    return FlowerCompatError(f"Flower {__version__}'s {what}")
 
 
 def lazy_names(table: Mapping[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:

@@ -9,12 +9,11 @@ name by `tests/unit/test_flower_compat.py`.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
-from common.compat import FlowerCompatError, lazy_names
+from common.compat import flower_mismatch, flower_source, lazy_names, resolve
 
 if TYPE_CHECKING:
     from flwr.cli.supernode.register import try_load_public_key
@@ -74,7 +73,6 @@ __all__ = ["FLOWER_NAMES", "MAIN_CONFIGS_RECORD", "SECAGG_CONFIGS_RECORD", "Clie
            "try_load_public_key"]
 
 
-
 # ---------------------------------------------------------------- the simulation engine's message queue
 SIMULATION_QUEUE = "flwr.server.superlink.fleet.vce.vce_api"  # `add_messages_to_queue`: the engine's extractor
 FLOWER_QUEUE_POLL_SECONDS = 0.1  # it looks for each node's next message, then `f_stop.wait(0.1)`
@@ -99,28 +97,23 @@ def set_simulation_queue_poll(seconds: float) -> None:
     (not every 0.1 s): each message of a round waited on average half that before a department saw it (a SecAgg+
     round has five). In memory only, before the simulation starts; `FlowerCompatError` (nothing changed) if the
     installed Flower's extractor is not the one described here."""
+    current, source = flower_source(f"{SIMULATION_QUEUE}:add_messages_to_queue")
+    original = getattr(current, "__wrapped__", current)  # set before: the function is fedsilo's wrapper of Flower's
     try:
-        module = importlib.import_module(SIMULATION_QUEUE)
-        current = module.add_messages_to_queue
-        original = getattr(current, "__wrapped__", current)
-        source = inspect.getsource(original)
         params = list(inspect.signature(original).parameters)
-    except (ImportError, AttributeError, OSError, TypeError, ValueError) as exc:
-        raise FlowerCompatError(f"cannot read Flower's simulation message extractor in {SIMULATION_QUEUE}: "
-                                f"{exc}") from exc
+    except (TypeError, ValueError):
+        params = []
     if params != ["state", "queue", "nodes_mapping", "f_stop"] or \
             f"f_stop.wait({FLOWER_QUEUE_POLL_SECONDS:g})" not in source:
-        from flwr import __version__
-
-        raise FlowerCompatError(f"Flower {__version__}'s simulation message extractor ({SIMULATION_QUEUE}."
-                                f"add_messages_to_queue) is not (state, queue, nodes_mapping, f_stop) waiting "
-                                f"f_stop.wait({FLOWER_QUEUE_POLL_SECONDS:g})")
+        raise flower_mismatch(f"simulation message extractor ({SIMULATION_QUEUE}.add_messages_to_queue) is not "
+                              "(state, queue, nodes_mapping, f_stop) waiting "
+                              f"f_stop.wait({FLOWER_QUEUE_POLL_SECONDS:g})")
 
     @functools.wraps(original)
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
         original(state, queue, nodes_mapping, _PolledStop(f_stop, seconds))
 
-    module.add_messages_to_queue = add_messages_to_queue
+    resolve(SIMULATION_QUEUE).add_messages_to_queue = add_messages_to_queue
 
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

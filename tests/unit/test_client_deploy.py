@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import client.compat
+import common.compat
 from client import cli, deploy, join, supernode
 from client.compat import SUPERNODE_LOOP, get_task_poll_interval, set_supernode_polls
 from client.deploy import SUPEREXEC_POLL_ENV, supernode_env
@@ -93,7 +94,7 @@ def test_a_flower_without_those_waits_is_left_as_it_is(monkeypatch: pytest.Monke
     loop = resolve(SUPERNODE_LOOP)
     monkeypatch.setattr(loop, "time", loop.time)
     before = loop.time
-    monkeypatch.setattr(client.compat.inspect, "getsource", lambda _m: "while True:\n    time.sleep(1)\n")
+    monkeypatch.setattr(common.compat.inspect, "getsource", lambda _m: "while True:\n    time.sleep(1)\n")
     with pytest.raises(FlowerCompatError, match=r"no time\.sleep\(3\) and no time\.sleep\(0\.5\)"):
         set_supernode_polls(0.25, 0.1)
     assert loop.time is before
@@ -139,7 +140,7 @@ def test_a_flower_reading_its_heartbeat_elsewhere_is_left_as_it_is(monkeypatch: 
     modules = [resolve(name) for name in client.compat.SUPERNODE_HEARTBEAT_USES]
     for module in modules:
         monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
-    monkeypatch.setattr(client.compat.inspect, "getsource", lambda _m: "INTERVAL = 30\n")
+    monkeypatch.setattr(common.compat.inspect, "getsource", lambda _m: "INTERVAL = 30\n")
     with pytest.raises(FlowerCompatError, match="does not read its heartbeat interval"):
         client.compat.set_supernode_heartbeat(12.0)
     assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in modules] == [30, 30]

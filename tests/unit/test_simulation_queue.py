@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-import server.compat
+import common.compat
 from common.compat import FlowerCompatError, resolve
 from server.compat import FLOWER_QUEUE_POLL_SECONDS, SIMULATION_QUEUE, set_simulation_queue_poll
 from simulations import run
@@ -82,7 +82,7 @@ def test_the_stop_event_itself_is_flowers(engine: Any) -> None:
 
 def test_a_flower_with_another_extractor_is_left_as_it_is(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     before = engine.add_messages_to_queue
-    monkeypatch.setattr(server.compat.inspect, "getsource", lambda _f: "while True:\n    f_stop.wait(1.0)\n")
+    monkeypatch.setattr(common.compat.inspect, "getsource", lambda _f: "while True:\n    f_stop.wait(1.0)\n")
     with pytest.raises(FlowerCompatError, match=r"f_stop\.wait\(0\.1\)"):
         set_simulation_queue_poll(0.01)
     assert engine.add_messages_to_queue is before
