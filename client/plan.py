@@ -127,8 +127,8 @@ def plan_job(*, site: str, n: int, job: JobConfig, server_round: int, num_rounds
             steps = work.steps * rounds[phase]
             last = phase == FINETUNE or not rounds[FINETUNE]  # the last phase may use all that is left
             share = 1.0 if last else job.probe_epsilon_share
-            # a later round re-plans the rest of the job: its last charge at this rate is within about the
-            # search's tolerance of the answer
+            # a later round re-plans the rest of the job: its last charge at this rate is within a tolerance or two
+            # of the answer (common.privacy.noise_for_budget's hint)
             hint = next((s for s, q, _ in reversed(job_history) if q == work.sample_rate), None)
             sigma = _noise(planned_all, epsilon_budget, share, delta, work.sample_rate, steps, accountant,
                            before=before, hint=hint)

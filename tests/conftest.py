@@ -48,3 +48,21 @@ def _fresh_run_cache() -> None:
     from client.reuse import RUN_CACHE
 
     RUN_CACHE.clear()
+
+
+@pytest.fixture
+def rdp_curves(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The noise multiplier of every Opacus RDP curve `common.privacy` computes from now on (its cache emptied
+    first): what a noise search costs, ~0.05 s per curve."""
+    import common.privacy as privacy
+
+    calls: list[float] = []
+    real = privacy.compute_rdp
+
+    def counting(**kwargs: float) -> object:
+        calls.append(kwargs["noise_multiplier"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(privacy, "compute_rdp", counting)
+    privacy._rdp_step.cache_clear()
+    return calls

@@ -95,12 +95,12 @@ def test_noise_for_budget_with_history() -> None:
     assert sigma > fresh
 
 
-def test_noise_search_is_precise_in_few_accountant_evaluations(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_noise_search_is_precise_in_few_accountant_evaluations(rdp_curves: list[float]) -> None:
     """A round's plan on a site that already trained: Opacus' RDP curve (~0.05-0.1 s each) is computed once for
     the history and a few times for candidates, and the charge's epsilon afterwards costs no new curve."""
     import common.privacy as privacy
 
-    calls = _counting_rdp(monkeypatch)
+    calls = rdp_curves
     q = 64 / 1200
     history = [(0.594, q, 5)]
     sigma = noise_for_budget(history=history, epsilon_budget=8.0, delta=DELTA, q=q, steps=10)
@@ -115,21 +115,6 @@ def test_noise_search_is_precise_in_few_accountant_evaluations(monkeypatch: pyte
         privacy._rdp_curve(q, 0.594, 5)[0] = 0.0
 
 
-def _counting_rdp(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    import common.privacy as privacy
-
-    calls: list[float] = []
-    real = privacy.compute_rdp
-
-    def counting(**kwargs: float) -> object:
-        calls.append(kwargs["noise_multiplier"])
-        return real(**kwargs)
-
-    monkeypatch.setattr(privacy, "compute_rdp", counting)
-    privacy._rdp_step.cache_clear()
-    return calls
-
-
 def test_a_charge_curve_is_opacus_own_for_its_steps() -> None:
     """The cached one-step curve times the steps is exactly (bit for bit) Opacus' curve of the charge."""
     from opacus.accountants.analysis.rdp import compute_rdp
@@ -142,14 +127,14 @@ def test_a_charge_curve_is_opacus_own_for_its_steps() -> None:
         assert ours.tolist() == list(theirs)
 
 
-def test_a_later_round_replans_from_its_last_charge_in_a_few_curves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_later_round_replans_from_its_last_charge_in_a_few_curves(rdp_curves: list[float]) -> None:
     """Round 3 of a job re-plans the job's last 2 rounds: started from round 2's noise (the hint), the search
     computes at most 3 new curves and its answer is as precise as a search from scratch."""
     q, budget = 64 / 1200, 8.0
     probe = (4.5, 0.2, 100)
     round2 = noise_for_budget(history=[probe], epsilon_budget=budget, delta=DELTA, q=q, steps=30)
     history = [probe, (round2, q, 10)]
-    calls = _counting_rdp(monkeypatch)
+    calls = rdp_curves
     epsilon_spent(history, DELTA)  # the ledger's history: its curves are cached before any plan
     before = len(calls)
     sigma = noise_for_budget(history=history, epsilon_budget=budget, delta=DELTA, q=q, steps=20, hint=round2)
