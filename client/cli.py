@@ -22,7 +22,7 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     gate = install_gate()
     try:
         return start_supernode(site.name, args.site_config, site.server, ca, node_key, cmd,
-                               tool_env(supernode_env(site=site), first=gate))
+                               tool_env(supernode_env(site=site, site_config=args.site_config), first=gate))
     finally:
         shutil.rmtree(gate, ignore_errors=True)  # the gate's private bin directory, one per `client start`
 

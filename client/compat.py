@@ -7,8 +7,10 @@ Resolved on first use (see `common.compat`); checked name by name by `tests/unit
 
 from __future__ import annotations
 
+import functools
 import time
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from common.compat import lazy_names
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from flwr.proto.message_pb2 import Context as ProtoContext
     from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
     from flwr.supercore.error import ApiErrorCode, FlowerError
     from flwr.supercore.error.catalog import API_ERROR_MAP
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
     from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as get_task_poll_interval
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.cli import flower_supernode
@@ -63,6 +67,12 @@ FLOWER_NAMES: dict[str, str] = {
     "SecAggStage": f"{_SECAGGPLUS}:Stage",
     # the SuperNode's executor: the app processes it may start by name (client.deploy)
     "TASK_TYPE_TO_COMMAND": "flwr.supercore.constant:TASK_TYPE_TO_COMMAND",
+    # the SuperNode's executor itself, run by client.executor with the gate in place of a process per message
+    "flower_superexec": "flwr.supercore.cli:flower_superexec",
+    "TaskType": "flwr.supercore.constant:TaskType",
+    "ExecutionSpec": "flwr.supercore.superexec.executor:ExecutionSpec",
+    "LaunchResult": "flwr.supercore.superexec.executor:LaunchResult",
+    "SubprocessExecutor": "flwr.supercore.superexec.executor:SubprocessExecutor",
     # flwr-clientapp's process, re-implemented by client.gate
     "ErrorCode": "flwr.common.constant:ErrorCode",
     "SubStatus": "flwr.common.constant:SubStatus",
@@ -111,10 +121,12 @@ FLOWER_NAMES: dict[str, str] = {
 __all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MAX_INTERVAL",
            "HEARTBEAT_MIN_INTERVAL",
            "HEARTBEAT_PATIENCE", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ActivateNodeRequest", "ApiErrorCode",
-           "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient", "FlowerError",
-           "HeartbeatSender", "Mod", "NodeAuthHttpInterceptor", "ProtoContext", "ProtoMessage", "RuntimeHttpClient",
-           "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SecAggKey", "SecAggStage", "SubStatus",
-           "add_args_flwr_app_common", "context_from_proto", "context_to_proto", "flower_supernode",
+           "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "ExecutionSpec", "FleetHttpClient",
+           "FlowerError", "HeartbeatSender", "LaunchResult", "Mod", "NodeAuthHttpInterceptor", "ProtoContext",
+           "ProtoMessage", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
+           "SecAggKey", "SecAggStage", "SubStatus", "SubprocessExecutor", "TaskType",
+           "add_args_flwr_app_common", "context_from_proto", "context_to_proto", "flower_superexec",
+           "flower_supernode",
            "get_task_poll_interval", "http_request_response", "make_simple_http_retry_invoker",
            "make_task_heartbeat_fn_http", "message_from_proto", "message_to_proto", "public_key_to_bytes",
            "pull_task_input", "push_message", "push_task_output", "start_parent_process_monitor",
@@ -189,6 +201,31 @@ def set_supernode_heartbeat(seconds: float) -> None:
         modules.append(module)
     for module in modules:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the SuperNode's executor (client.executor)
+SUPEREXEC_LOOP = "flwr.supercore.superexec.run_superexec"
+SUPEREXEC_BUILDS = "executor = get_executor("  # run_superexec builds its executor by this module-level name
+
+
+def set_superexec_executor(wrap: Callable[[Any], Any]) -> None:
+    """Make Flower's SuperExec of this process launch its tasks through `wrap(executor)`, where `executor` is the
+    one Flower builds (its subprocess executor: a process per task). In memory only, before the SuperExec starts;
+    setting it again wraps Flower's own builder, not the last wrapper. `FlowerCompatError` (nothing changed) if
+    the installed Flower's SuperExec does not build its executor as described here."""
+    from common.compat import flower_mismatch, flower_source
+
+    module, source = flower_source(SUPEREXEC_LOOP)
+    current = getattr(module, "get_executor", None)
+    if SUPEREXEC_BUILDS not in source or not callable(current):
+        raise flower_mismatch(f"SuperExec ({SUPEREXEC_LOOP}) does not build its executor as `{SUPEREXEC_BUILDS}`")
+    flower_builder: Callable[..., Any] = getattr(current, "__wrapped__", current)
+
+    @functools.wraps(flower_builder)
+    def get_executor(*args: Any, **kwargs: Any) -> Any:
+        return wrap(flower_builder(*args, **kwargs))
+
+    module.get_executor = get_executor  # type: ignore[attr-defined]
 
 
 __getattr__ = lazy_names(FLOWER_NAMES, globals())

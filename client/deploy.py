@@ -3,9 +3,11 @@
 The site config file (not the server's job) says where the data and the ledger are and what the budget is; the
 SuperNode hands its path to every ClientApp run as `node_config["site-config"]`.
 
-The SuperNode (subprocess isolation) starts Flower's executor, which starts a `flwr-clientapp` process per message,
-by name. `install_gate` provides a directory whose `flwr-clientapp` is fedsilo's gate (`client.gate`), put first on
-the SuperNode's PATH: the site runs its own installed ClientApp for approved jobs only, never the job's bundle.
+The SuperNode (subprocess isolation) starts Flower's executor (`flower-superexec`), which starts a `flwr-clientapp`
+process per message, both by name. `install_gate` provides a directory put first on the SuperNode's PATH: its
+`flwr-clientapp` is fedsilo's gate (`client.gate`), and its `flower-superexec` is Flower's executor run by
+`client.executor`, which runs the gate in a thread where the site has a warm worker: the site runs its own installed
+ClientApp for approved jobs only, never the job's bundle.
 
 Latency: the executor (`flower-superexec`, started by the SuperNode with the SuperNode's environment) asks for new
 tasks every second by default; `supernode_env` sets its interval (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`, read and
@@ -23,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from client.executor import FLOWER_SUPEREXEC, SITE_CONFIG_ENV
 from client.gate import FLOWER_CLIENTAPP
 from client.site import SiteConfig
 from common import keys
@@ -35,13 +38,17 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIENTAPP_PORT = 9094
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower accepts 0.01 to 60 seconds; its default is 1
 SUPEREXEC_POLL_SECONDS = "0.1"
+THREADS_ENV = "OMP_NUM_THREADS"  # torch's intra-op threads (and OpenMP's) in every process the SuperNode starts
 
 
-def supernode_env(base: dict[str, str] | None = None, site: SiteConfig | None = None) -> dict[str, str]:
+def supernode_env(base: dict[str, str] | None = None, site: SiteConfig | None = None,
+                  site_config: Path | None = None) -> dict[str, str]:
     """The environment the SuperNode runs with (the current one if `base` is None): its executor polls for
     tasks every 0.1 s, unless `base` already sets the interval (the operator's choice stands); with `site`, the
     SuperNode's idle wait is the site's `poll_seconds`, its wait for a reply 0.1 s and its heartbeat interval the
-    site's `heartbeat_seconds` (`client.supernode`)."""
+    site's `heartbeat_seconds` (`client.supernode`), and the site's `threads` (if set) bound the CPU threads of
+    its training (OMP_NUM_THREADS, which torch reads); with `site_config` (the file), its executor reads whether the
+    site has a warm worker there (`client.executor`)."""
     from client.supernode import HEARTBEAT_ENV, POLL_ENV, REPLY_POLL_ENV, REPLY_POLL_SECONDS
 
     env = dict(os.environ if base is None else base)
@@ -50,6 +57,10 @@ def supernode_env(base: dict[str, str] | None = None, site: SiteConfig | None = 
         env[POLL_ENV] = repr(site.poll_seconds)
         env[HEARTBEAT_ENV] = repr(site.heartbeat_seconds)
         env.setdefault(REPLY_POLL_ENV, REPLY_POLL_SECONDS)
+        if site.threads:
+            env[THREADS_ENV] = str(site.threads)
+    if site_config is not None:
+        env[SITE_CONFIG_ENV] = str(site_config.resolve())
     return env
 
 
@@ -96,15 +107,19 @@ REFUSED_EXIT = 126
 
 
 def install_gate(parent: Path | None = None) -> Path:
-    """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, and, for every other
+    """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, `flower-superexec` ->
+    `client.executor` (Flower's executor, which runs the gate in a thread where the site has a warm worker), and, for
+    every other
     app process Flower's executor can start by name (agent apps, connectors, ...; each would load the job's own
     bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
     from client.compat import TASK_TYPE_TO_COMMAND
 
     bin_dir = Path(tempfile.mkdtemp(prefix="fedsilo-gate-", dir=parent))  # mode 0700
-    for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP}:
+    for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP, FLOWER_SUPEREXEC}:
         if command == FLOWER_CLIENTAPP:
             body = f"exec {shlex.quote(sys.executable)} -m client.gate \"$@\""
+        elif command == FLOWER_SUPEREXEC:
+            body = f"exec {shlex.quote(sys.executable)} -m client.executor \"$@\""
         else:
             body = (f"echo 'fedsilo: this site runs only its own ClientApp; refusing {command}' >&2\n"
                     f"exit {REFUSED_EXIT}")

@@ -45,6 +45,7 @@ from client.egress import record_refusal
 from client.failures import UNKNOWN_SITE, public_reason
 from client.site import SiteConfig
 from common import keys
+from common.compat import quicken_object_pulls
 from common.errors import ConfigError, FedsiloError, PolicyError, PrivacyError
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,18 @@ def admit(site: SiteConfig, fab: bytes) -> str:
     return digest
 
 
-def handle(message: Message, context: Context, fab: bytes, parent_pid: int | None = None) -> Message:
+def handle(message: Message, context: Context, fab: bytes, parent_pid: int | None = None,
+           in_process: bool = False) -> Message:
     """The reply to one message: the installed ClientApp's (in the run's warm worker if the site has one, see
-    `client.worker`; `context` then takes its state), or an error naming why the site refused."""
+    `client.worker`; `context` then takes its state), or an error naming why the site refused. `in_process`: this
+    is a thread of the site's long-lived executor (`client.executor`), which never runs the ClientApp itself."""
     site: SiteConfig | None = None
     try:
         site = site_of(context)
         digest = admit(site, fab)
+        if in_process and not site.warm_worker:
+            raise PolicyError(f"Site {site.name} turned its warm worker off while this message was dispatched; "
+                              "the next message runs in a process of its own.")
     except FedsiloError as exc:
         log.error("gate: site %s refused run %s: %s", site.name if site is not None else UNKNOWN_SITE,
                   context.run_id, exc)
@@ -110,8 +116,9 @@ def handle(message: Message, context: Context, fab: bytes, parent_pid: int | Non
 
 
 def run(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None,
-        parent_pid: int | None = None) -> int:
-    """One message, as Flower's `flwr-clientapp` does it, with `handle` in place of loading the FAB."""
+        parent_pid: int | None = None, in_process: bool = False) -> int:
+    """One message, as Flower's `flwr-clientapp` does it, with `handle` in place of loading the FAB; in a process
+    of its own, or (`in_process`) in a thread of the site's executor (`client.executor`)."""
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=insecure, root_certificates=certificates,
@@ -124,7 +131,7 @@ def run(runtime_api_address: str, token: str, insecure: bool, certificates: byte
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, _run, fab = pull_task_input(client)
-        reply = handle(message, context, fab.content, parent_pid)
+        reply = handle(message, context, fab.content, parent_pid, in_process)
         push_message(client, reply, context)
         if reply.has_error():
             details = reply.error.reason
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # die with the SuperNode
     configure_gate_logging()
+    quicken_object_pulls(log, "gate")
     if getattr(args, "runtime_dependency_install", False):
         raise PolicyError("Runtime dependency installation is not allowed at a fedsilo site.")
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)

@@ -71,6 +71,10 @@ class SiteConfig(Settings):
                                       "counts the site gone, and a round stops waiting for it, after 2 intervals "
                                       "without one (Flower's own interval is 30 s; its server accepts 10 to 1800)",
                                       ge=10, le=1800)
+    threads: int = option(0, help="CPU threads the site's training and evaluation use (torch, through "
+                          "OMP_NUM_THREADS in the SuperNode's environment); 0 keeps torch's default, one per core. Set "
+                          "it where the site shares its machine with other sites or services: threads of several "
+                          "processes competing for the same cores slow every one of them", ge=0, le=1024)
     warm_worker: bool = option(True, help="serve a run's messages in one warm process per run (client.worker: the "
                                "site's installed fedsilo, started by the gate after its checks, reachable only by "
                                "the site's user) instead of a fresh process per message")

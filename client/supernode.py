@@ -47,7 +47,7 @@ def _seconds(name: str, low: float = 0.01, high: float = 60) -> float | None:
 
 def main() -> None:
     from client import compat
-    from common.compat import FlowerCompatError
+    from common.compat import FlowerCompatError, quicken_object_pulls
 
     idle = _seconds(POLL_ENV) or compat.FLOWER_IDLE_POLL_SECONDS
     reply = _seconds(REPLY_POLL_ENV) or compat.FLOWER_REPLY_POLL_SECONDS
@@ -65,6 +65,7 @@ def main() -> None:
             logging.basicConfig(level=logging.INFO)
             log.warning("client: %s; the SuperNode keeps Flower's own heartbeat (%gs).", exc,
                         compat.HEARTBEAT_DEFAULT_INTERVAL)
+    quicken_object_pulls(log, "client")
     sys.argv[0] = "flower-supernode"
     compat.flower_supernode()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,45 @@ def lazy_names(table: Mapping[str, str], namespace: dict[str, Any]) -> Callable[
         return value
 
     return module_getattr
+
+
+# ---------------------------------------------------------------- the wait for a message's objects (both sides)
+# A message travels as its metadata first, then its objects (the arrays, the configs). A reader that finds an object
+# not yet pushed waits before it asks again: Flower's pulls start at 1 s and double (10 s at most). Every hop of a
+# message exchange pulls: the SuperNode from the SuperLink, the ClientApp from the SuperNode, the ServerApp from the
+# SuperLink. A writer pushes the objects a few milliseconds after the metadata, so nearly every message with
+# arrays waited a whole second at some hop.
+OBJECT_PULLS = "flwr.supercore.inflatable.inflatable_utils"
+OBJECT_PULL_USES = {"pull_objects": "delay = initial_backoff",
+                    "pull_and_inflate_object_from_tree": "initial_backoff=initial_backoff"}
+FLOWER_PULL_FIRST_WAIT = 1.0
+PULL_FIRST_WAIT_SECONDS = 0.02
+
+
+def set_object_pull_wait(seconds: float = PULL_FIRST_WAIT_SECONDS) -> None:
+    """Make this process's pulls of a message's objects wait `seconds` (not Flower's 1 s) before they first ask
+    again for an object not yet pushed, still doubling up to Flower's cap. In memory only (the functions' default
+    arguments); `FlowerCompatError` (nothing changed) if the installed Flower's pulls are not the ones described
+    here."""
+    functions = []
+    for name, use in OBJECT_PULL_USES.items():
+        function, source = flower_source(f"{OBJECT_PULLS}:{name}")
+        defaults = getattr(function, "__kwdefaults__", None) or {}
+        if use not in source or not isinstance(defaults.get("initial_backoff"), int | float):
+            raise flower_mismatch(f"{OBJECT_PULLS}.{name} has no keyword `initial_backoff` used as `{use}`")
+        functions.append(function)
+    for function in functions:
+        function.__kwdefaults__["initial_backoff"] = seconds
+
+
+def quicken_object_pulls(logger: logging.Logger, who: str) -> None:
+    """`set_object_pull_wait`, or a warning in `logger` (the process then waits as Flower does; nothing else
+    changes)."""
+    try:
+        set_object_pull_wait()
+    except FlowerCompatError as exc:
+        logger.warning("%s: %s; a message's objects not yet pushed are waited for as Flower does (%g s, doubling).",
+                       who, exc, FLOWER_PULL_FIRST_WAIT)
 
 
 _SECAGG = "flwr.common.secure_aggregation"

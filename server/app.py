@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.accountant_check import privacy_statement
+from common.compat import quicken_object_pulls
 from common.config import JobConfig, SimulationConfig, as_run_config
 from common.data import resolve_job
 from common.errors import JobEndedEarlyError
@@ -68,6 +69,7 @@ def build_server_app(overrides: Mapping[str, bool | int | float | str] | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configure_app_logging()  # under a SuperLink: fedsilo's lines (one per round) in the job's log
+        quicken_object_pulls(log, "server")  # the replies' objects, under a SuperLink
         rc = {**context.run_config, **fixed}
         job, sim = resolve_job(rc)
         out_dir = run_out_dir(job.out_dir, context.run_id)

@@ -339,7 +339,7 @@ def _deploy_rounds(report: dict[str, Any], tag: str) -> list[dict[str, Any]]:
 
 
 def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
-    from simulations.localdeploy import APPROVE_INSTALLED, local_deployment
+    from simulations.localdeploy import APPROVE_INSTALLED, local_deployment, shared_threads
 
     d = setup.deploy
     frame = load_hutto().sample(frac=1.0, random_state=0).reset_index(drop=True)
@@ -377,6 +377,7 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
         return _median([x[key] for x in steady[secagg] if x[key] is not None])
 
     out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1), "warm_worker": True,
+                           "gate_in_executor": True, "threads_per_site": shared_threads(d.departments),
                            "poll_seconds": SiteConfig.__dataclass_fields__["poll_seconds"].default,
                            "runs": {"plain": runs[False], "secagg": runs[True]},
                            "exchanges_per_round": {"plain": DEPLOY_EXCHANGES[False], "secagg": DEPLOY_EXCHANGES[True]}}
@@ -626,6 +627,14 @@ def _scale_markdown(sc: dict[str, Any], when: str) -> list[str]:
 
 
 def _serving(dp: dict[str, Any]) -> str:
+    threads = dp.get("threads_per_site")
+    shared = (f" Each site trains with {threads} thread(s) (site config `threads`: the sites share this machine's "
+              "cores)." if threads else "")
+    if dp.get("gate_in_executor"):
+        return ("Every message a site answers passes its gate (the approval check) in a thread of the site's "
+                "executor (Flower's SuperExec, started once with the SuperNode; `client.executor`), which forwards "
+                "it to the run's warm worker (site config `warm_worker`: imports, model and data kept for the run)."
+                + shared)
     if dp.get("warm_worker"):
         return ("Every message a site answers starts a fresh gate process (the approval check), which forwards it "
                 "to the run's warm worker (site config `warm_worker`: imports, model and data kept for the run).")

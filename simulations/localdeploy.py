@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -120,11 +121,12 @@ class ProcessFamily:
 def write_site_config(site: Path, name: str, port: int, certs: Path | None, *, data: str = "notes.csv",
                       ca: Path | None = None, key: str | None = None, host: str = "127.0.0.1",
                       policy: str = APPROVE_INSTALLED, epsilon: float = 8.0, require_secagg: bool = True,
-                      warm_worker: bool | None = None, heartbeat_seconds: float | None = None) -> Path:
+                      warm_worker: bool | None = None, heartbeat_seconds: float | None = None,
+                      threads: int | None = None) -> Path:
     """`site`/site.toml for department `name` (its data `data` relative to `site`, its ledger ledger.json there),
     joining the server at host:port: over TLS with `certs`' CA (or `ca`) and node key `certs`/`key` (default: the
-    department's name), or in plaintext when `certs` is None. `warm_worker`, `heartbeat_seconds`: None keeps the
-    site config's default."""
+    department's name), or in plaintext when `certs` is None. `warm_worker`, `heartbeat_seconds`, `threads`: None
+    keeps the site config's default."""
     site.mkdir(parents=True, exist_ok=True)
     lines = [f'name = "{name}"', f'data = "{data}"', f"epsilon = {epsilon}", "delta = 1e-5",
              'ledger = "ledger.json"', f'server = "{host}:{port}"']
@@ -134,6 +136,8 @@ def write_site_config(site: Path, name: str, port: int, certs: Path | None, *, d
         lines.append(f"warm_worker = {str(warm_worker).lower()}")
     if heartbeat_seconds is not None:
         lines.append(f"heartbeat_seconds = {heartbeat_seconds!r}")
+    if threads is not None:
+        lines.append(f"threads = {threads}")
     if certs is None:
         lines.append("insecure = true")
     else:
@@ -188,13 +192,20 @@ class LocalDeployment:
         return dict(json.loads(report.read_text()))
 
 
+def shared_threads(sites: int) -> int:
+    """Each of `sites` co-located sites' share of this machine's cores (site config `threads`), at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, sites))
+
+
 @contextlib.contextmanager
 def local_deployment(root: Path, site_data: Mapping[str, Path], *, policy: str = APPROVE_INSTALLED,
                      epsilon: float = 8.0, require_secagg: bool = True, warm_worker: bool | None = None
                      ) -> Iterator[LocalDeployment]:
     """Certificates, a TLS SuperLink with node authentication on 127.0.0.1, and one SuperNode per department of
     `site_data` (name -> its CSV, copied into its site directory; privacy budget `epsilon`, policy `policy`,
-    whether it requires SecAgg+ and serves a run in a warm worker), all online; every process is stopped on exit."""
+    whether it requires SecAgg+ and serves a run in a warm worker), all online; every process is stopped on exit.
+    The sites share this machine's cores: each trains with its share (`threads`, at least 1), as an operator
+    co-locating sites would set it."""
     from common.certs import provision
 
     certs = root / "certs"
@@ -217,7 +228,8 @@ def local_deployment(root: Path, site_data: Mapping[str, Path], *, policy: str =
             site.mkdir(parents=True, exist_ok=True)
             (site / "notes.csv").write_bytes(data.read_bytes())
             sites[name] = write_site_config(site, name, port, certs, policy=policy, epsilon=epsilon,
-                                            require_secagg=require_secagg, warm_worker=warm_worker)
+                                            require_secagg=require_secagg, warm_worker=warm_worker,
+                                            threads=shared_threads(len(site_data)))
             procs.start([*FEDSILO, "client", "start", "--site-config", str(sites[name]), "--port", str(free_port())],
                         root / f"{name}.log")
         deployment = LocalDeployment(root=root, state=state, port=port, sites=sites, procs=procs)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from simulations.localdeploy import APPROVE_INSTALLED, ProcessFamily, free_port, wait_for_port, write_site_config
+from simulations.localdeploy import (
+    APPROVE_INSTALLED,
+    ProcessFamily,
+    free_port,
+    shared_threads,
+    wait_for_port,
+    write_site_config,
+)
 from tests.conftest import make_department_frame
 
 __all__ = ["APPROVE_INSTALLED", "FEDSILO", "JOB", "SITES", "Processes", "free_port", "wait_for_port", "write_site"]
@@ -25,4 +32,4 @@ def write_site(root: Path, name: str, port: int, certs: Path, *, ca: Path | None
     frame = make_department_frame({name: SITES.get(name, 40)})
     frame[["text", "label"]].to_csv(site / "notes.csv", index=False)
     return write_site_config(site, name, port, None if insecure else certs, ca=ca, key=key, host=host, policy=policy,
-                             heartbeat_seconds=heartbeat_seconds)
+                             heartbeat_seconds=heartbeat_seconds, threads=shared_threads(len(SITES)))

@@ -16,7 +16,8 @@ import client.compat
 import common.compat
 from client import cli, deploy, join, supernode
 from client.compat import SUPERNODE_LOOP, get_task_poll_interval, set_supernode_polls
-from client.deploy import SUPEREXEC_POLL_ENV, supernode_env
+from client.deploy import SUPEREXEC_POLL_ENV, THREADS_ENV, supernode_env
+from client.executor import SITE_CONFIG_ENV
 from client.site import SiteConfig
 from client.supernode import HEARTBEAT_ENV, POLL_ENV, REPLY_POLL_ENV
 from common.compat import FlowerCompatError, resolve
@@ -46,7 +47,7 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
         return 0
 
     site = SimpleNamespace(name="cardiology", insecure=False, ca="ca.crt", node_key="cardiology", server="h:1",
-                           poll_seconds=0.25, heartbeat_seconds=12.0)
+                           poll_seconds=0.25, heartbeat_seconds=12.0, threads=1)
     gate = tmp_path / "gate"
     gate.mkdir()
     monkeypatch.setattr(deploy, "supernode_command", lambda *_a, **_k: ["flower-supernode"])
@@ -59,6 +60,8 @@ def test_client_start_runs_the_supernode_with_that_environment(monkeypatch: pyte
     assert ran["env"][SUPEREXEC_POLL_ENV] == "0.1"
     assert (ran["env"][POLL_ENV], ran["env"][REPLY_POLL_ENV]) == ("0.25", "0.1")  # the SuperNode's waits
     assert ran["env"][HEARTBEAT_ENV] == "12.0"  # and its heartbeat
+    assert ran["env"][SITE_CONFIG_ENV] == str((tmp_path / "site.toml").resolve())  # the executor reads it
+    assert ran["env"][THREADS_ENV] == "1"  # the site's training threads
     assert not gate.exists()  # the gate's directory goes with the SuperNode
     assert (ran["site"], ran["address"], ran["ca"], ran["node_key"]) == ("cardiology", "h:1", Path("ca.crt"),
                                                                          Path("cardiology"))
@@ -106,10 +109,12 @@ def test_the_supernode_process_sets_its_waits_then_runs_flowers_supernode(monkey
     monkeypatch.setattr(client.compat, "set_supernode_polls", lambda idle, reply: calls.append(("polls", (idle,
                                                                                                           reply))))
     monkeypatch.setattr(client.compat, "flower_supernode", lambda: calls.append(("flower", None)), raising=False)
+    monkeypatch.setattr(common.compat, "quicken_object_pulls", lambda _log, who: calls.append(("pulls", who)))
     monkeypatch.setenv(POLL_ENV, "0.25")
     monkeypatch.delenv(REPLY_POLL_ENV, raising=False)
     supernode.main()
-    assert calls == [("polls", (0.25, 0.5)), ("flower", None)]  # no reply wait set: Flower's own
+    # no reply wait set: Flower's own; and its pulls of a message's objects first wait briefly (test_executor)
+    assert calls == [("polls", (0.25, 0.5)), ("pulls", "client"), ("flower", None)]
 
     def refuse(_idle: float, _reply: float) -> None:
         raise FlowerCompatError("Flower 9's SuperNode loop has no time.sleep(3)")
@@ -117,7 +122,7 @@ def test_the_supernode_process_sets_its_waits_then_runs_flowers_supernode(monkey
     monkeypatch.setattr(client.compat, "set_supernode_polls", refuse)
     calls.clear()
     supernode.main()  # slower rounds, said so: the site still runs Flower's SuperNode
-    assert calls == [("flower", None)] and "keeps Flower's own waits" in caplog.text
+    assert calls == [("pulls", "client"), ("flower", None)] and "keeps Flower's own waits" in caplog.text
     monkeypatch.setenv(POLL_ENV, "soon")
     with pytest.raises(SystemExit, match="FEDSILO_POLL_SECONDS must be a number of seconds"):
         supernode.main()
@@ -151,6 +156,7 @@ def test_the_supernode_process_sets_the_heartbeat_or_keeps_flowers(monkeypatch: 
     calls: list[tuple[str, Any]] = []
     monkeypatch.setattr(client.compat, "set_supernode_polls", lambda idle, reply: None)
     monkeypatch.setattr(client.compat, "set_supernode_heartbeat", lambda s: calls.append(("heartbeat", s)))
+    monkeypatch.setattr(common.compat, "quicken_object_pulls", lambda *_a: None)
     monkeypatch.setattr(client.compat, "flower_supernode", lambda: calls.append(("flower", None)), raising=False)
     monkeypatch.delenv(POLL_ENV, raising=False)
     monkeypatch.setenv(HEARTBEAT_ENV, "15")

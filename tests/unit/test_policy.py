@@ -179,6 +179,8 @@ def test_gate_takes_the_place_of_flowers_app_processes(tmp_path: Path) -> None:
     script = bin_dir / "flwr-clientapp"
     assert script.stat().st_mode & 0o777 == 0o700
     assert "-m client.gate" in script.read_text()
+    executor = bin_dir / "flower-superexec"  # Flower's executor, which runs the gate in a thread (client.executor)
+    assert executor.stat().st_mode & 0o777 == 0o700 and "-m client.executor" in executor.read_text()
     others = set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}
     assert "flwr-agentapp" in others
     for command in others:  # every other app process Flower could start would load the job's bundle: refused
