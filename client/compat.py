@@ -139,18 +139,28 @@ FLOWER_IDLE_POLL_SECONDS = 3.0  # no message for this node: `time.sleep(3)` befo
 FLOWER_REPLY_POLL_SECONDS = 0.5  # a ClientApp runs: `time.sleep(0.5)` between looks for its reply
 
 
+FIRST_IDLE_POLL_SECONDS = 0.05  # the first look for the next message after a ClientApp's reply
+IDLE_POLL_GROWTH = 1.5  # then each idle wait half as long again, up to the site's idle wait
+
+
 class _SuperNodeClock:
     """Stands in for the `time` module inside Flower's SuperNode loop: its two fixed waits take the site's
-    values; every other call is the `time` module's own."""
+    values; every other call is the `time` module's own. After a ClientApp's reply (the loop waited for one), the
+    idle wait starts at `FIRST_IDLE_POLL_SECONDS` and grows by `IDLE_POLL_GROWTH` up to `idle`: a round's next
+    message (the next SecAgg+ stage, the evaluation) usually follows within a second, and an idle site soon asks
+    only every `idle` seconds again."""
 
     def __init__(self, idle: float, reply: float) -> None:
         self.idle, self.reply = idle, reply
+        self.next_idle = idle
 
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_POLL_SECONDS:
-            seconds = self.idle
+            seconds = self.next_idle
+            self.next_idle = min(self.idle, self.next_idle * IDLE_POLL_GROWTH)
         elif seconds == FLOWER_REPLY_POLL_SECONDS:
             seconds = self.reply
+            self.next_idle = min(self.idle, FIRST_IDLE_POLL_SECONDS)
         time.sleep(seconds)
 
     def __getattr__(self, name: str) -> Any:
@@ -159,7 +169,8 @@ class _SuperNodeClock:
 
 def set_supernode_polls(idle: float, reply: float) -> None:
     """Make the SuperNode of this process wait `idle` seconds (not 3) before asking the SuperLink again for a
-    message, and `reply` seconds (not 0.5) between looks for a ClientApp's reply. In memory only, before Flower's
+    message (less for a few looks after a reply: `_SuperNodeClock`), and `reply` seconds (not 0.5) between looks
+    for a ClientApp's reply. In memory only, before Flower's
     SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower's loop is not the one
     described here."""
     from common.compat import flower_mismatch, flower_source

@@ -65,7 +65,9 @@ class SiteConfig(Settings):
     insecure: bool = option(False, help="plaintext, no node authentication: local development only")
     poll_seconds: float = option(0.5, help="how long the SuperNode waits before asking the server again when it "
                                  "has no message (Flower's own wait is 3 s: each of a round's message exchanges "
-                                 "waits up to this long); a shorter wait costs the server one small request more",
+                                 "waits up to this long); a shorter wait costs the server one small request more. "
+                                 "After answering a message it asks again after 0.05 s, then half as long again "
+                                 "each time up to this wait (a round's next message usually follows soon)",
                                  ge=0.05, le=3)
     heartbeat_seconds: float = option(30.0, help="how often the SuperNode tells the server it is alive; the server "
                                       "counts the site gone, and a round stops waiting for it, after 2 intervals "

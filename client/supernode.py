@@ -7,7 +7,9 @@ message exchange of a round waits out almost the whole 3 s: 2 exchanges in a pla
 
 `fedsilo client start` runs the SuperNode as `python -m client.supernode ARGS`: this module sets those two waits
 (`FEDSILO_POLL_SECONDS` and `FEDSILO_REPLY_POLL_SECONDS`, which `client.deploy.supernode_env` sets from the site
-config's `poll_seconds`) and hands over to Flower's `flower-supernode` entry point with the same arguments.
+config's `poll_seconds`; after a reply, the idle wait starts at 0.05 s and grows to `poll_seconds`, since a round's
+next message usually follows within a second) and hands over to Flower's `flower-supernode` entry point with the
+same arguments.
 Nothing else changes, and nothing on disk is patched: `client.compat.set_supernode_polls` is the one place that
 knows the two waits, and `tests/unit/test_client_deploy.py` fails on a Flower whose SuperNode no longer has them.
 A shorter idle wait costs the SuperLink one more small request per site per wait (at 0.5 s: 2 per second per

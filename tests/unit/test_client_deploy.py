@@ -90,6 +90,13 @@ def test_the_supernode_loop_waits_the_sites_seconds_not_flowers(monkeypatch: pyt
     for seconds in (3, 0.5, 2):  # idle, waiting for a reply, any other wait
         loop.time.sleep(seconds)
     assert sleeps.slept == [0.25, 0.1, 2]
+    sleeps.slept.clear()
+    for _ in range(6):  # idle after a reply: the next message of the round is looked for soon, then less often
+        loop.time.sleep(3)
+    assert sleeps.slept == pytest.approx([0.05, 0.075, 0.1125, 0.16875, 0.25, 0.25])
+    loop.time.sleep(0.5)  # another message served: soon again
+    loop.time.sleep(3)
+    assert sleeps.slept[-2:] == [0.1, 0.05]
     assert loop.time.monotonic() == 42.0  # everything else is the time module's own
 
 
