@@ -11,6 +11,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist each worker gets its share of the cores for torch's (OpenMP's) threads, and so do the processes
+# its tests start (servers, sites): workers with a thread per core each would oversubscribe the machine, and
+# threads spinning for a core slow every process. An OMP_NUM_THREADS already set stands.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 POSITIVE = ["great", "excellent", "wonderful", "love", "superb", "happy", "delightful", "best"]
 NEGATIVE = ["awful", "terrible", "horrible", "hate", "poor", "sad", "boring", "worst"]
