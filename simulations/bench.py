@@ -339,6 +339,7 @@ def _deploy_rounds(report: dict[str, Any], tag: str) -> list[dict[str, Any]]:
 
 
 def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
+    from client.compat import FIRST_IDLE_POLL_SECONDS
     from simulations.localdeploy import APPROVE_INSTALLED, local_deployment, shared_threads
 
     d = setup.deploy
@@ -379,6 +380,7 @@ def bench_deploy(setup: BenchSetup, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"setup": asdict(d), "repeats": d.runs * (d.rounds - 1), "warm_worker": True,
                            "gate_in_executor": True, "threads_per_site": shared_threads(d.departments),
                            "poll_seconds": SiteConfig.__dataclass_fields__["poll_seconds"].default,
+                           "first_idle_poll_seconds": FIRST_IDLE_POLL_SECONDS,
                            "runs": {"plain": runs[False], "secagg": runs[True]},
                            "exchanges_per_round": {"plain": DEPLOY_EXCHANGES[False], "secagg": DEPLOY_EXCHANGES[True]}}
     for name, secagg in (("plain", False), ("secagg", True)):
@@ -646,8 +648,11 @@ def _polling(dp: dict[str, Any]) -> str:
     poll = dp.get("poll_seconds")
     if poll is None:  # measured before the SuperNode's wait was the site's
         return " Each SuperNode waited Flower's own 3 s before asking the SuperLink again for a message."
+    first = dp.get("first_idle_poll_seconds")
+    ramp = (f"; after answering a message it asks after {first:g} s, then half as long again each time up to "
+            f"{poll:g} s" if first else "")
     return (f" Each SuperNode asks the SuperLink for a message every {poll:g} s while it has none (site config "
-            "`poll_seconds`; Flower's own wait is 3 s).")
+            f"`poll_seconds`; Flower's own wait is 3 s){ramp}.")
 
 
 def _deploy_markdown(dp: dict[str, Any], when: str) -> list[str]:

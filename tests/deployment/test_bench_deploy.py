@@ -44,3 +44,6 @@ def test_bench_deploy_quick_measures_a_real_deployment(tmp_path: Path) -> None:
     assert "fedsilo:bench-deploy:start" in text and "fedsilo:bench-deploy:end" in text
     assert "SecAgg+ / plain round:" in text and "a fresh process per message (`warm_worker = false`)" in text
     assert deploy["poll_seconds"] == 0.5 and "asks the SuperLink for a message every 0.5 s" in text
+    assert deploy["first_idle_poll_seconds"] == 0.05 and "after answering a message it asks after 0.05 s" in text
+    assert deploy["gate_in_executor"] and "in a thread of the site's executor" in text
+    assert deploy["threads_per_site"] >= 1 and f"trains with {deploy['threads_per_site']} thread(s)" in text
