@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
+    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
     from flwr.supercore.superexec.run_superexec import _get_task_poll_interval as get_task_poll_interval
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.cli import flower_supernode
@@ -70,7 +70,6 @@ FLOWER_NAMES: dict[str, str] = {
     # the SuperNode's executor itself, run by client.executor with the gate in place of a process per message
     "flower_superexec": "flwr.supercore.cli:flower_superexec",
     "TaskType": "flwr.supercore.constant:TaskType",
-    "ExecutionSpec": "flwr.supercore.superexec.executor:ExecutionSpec",
     "LaunchResult": "flwr.supercore.superexec.executor:LaunchResult",
     "SubprocessExecutor": "flwr.supercore.superexec.executor:SubprocessExecutor",
     # flwr-clientapp's process, re-implemented by client.gate
@@ -121,7 +120,7 @@ FLOWER_NAMES: dict[str, str] = {
 __all__ = ["API_ERROR_MAP", "FLOWER_NAMES", "HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_MAX_INTERVAL",
            "HEARTBEAT_MIN_INTERVAL",
            "HEARTBEAT_PATIENCE", "RECORD_KEY_CONFIGS", "TASK_TYPE_TO_COMMAND", "ActivateNodeRequest", "ApiErrorCode",
-           "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "ExecutionSpec", "FleetHttpClient",
+           "ClientAppCallable", "DeactivateNodeRequest", "ErrorCode", "FleetHttpClient",
            "FlowerError", "HeartbeatSender", "LaunchResult", "Mod", "NodeAuthHttpInterceptor", "ProtoContext",
            "ProtoMessage", "RuntimeHttpClient", "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
            "SecAggKey", "SecAggStage", "SubStatus", "SubprocessExecutor", "TaskType",
@@ -170,9 +169,8 @@ class _SuperNodeClock:
 def set_supernode_polls(idle: float, reply: float) -> None:
     """Make the SuperNode of this process wait `idle` seconds (not 3) before asking the SuperLink again for a
     message (less for a few looks after a reply: `_SuperNodeClock`), and `reply` seconds (not 0.5) between looks
-    for a ClientApp's reply. In memory only, before Flower's
-    SuperNode starts; `FlowerCompatError` (nothing changed) if the installed Flower's loop is not the one
-    described here."""
+    for a ClientApp's reply. In memory only, before Flower's SuperNode starts; `FlowerCompatError` (nothing
+    changed) if the installed Flower's loop is not the one described here."""
     from common.compat import flower_mismatch, flower_source
 
     module, source = flower_source(SUPERNODE_LOOP)
