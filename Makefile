@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/fedsilo simulate
 
-# Two workers, one test module each at a time (module fixtures: deployments, simulations): the end-to-end tests
-# mostly wait on Flower's 3 s polling and process start-ups, so two run side by side on a 2-core machine.
+# Two workers, one test module each at a time (module fixtures: deployments, simulations), each with its share of
+# the cores for torch's threads (tests/conftest.py).
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile
 

@@ -179,6 +179,15 @@ class LocalDeployment:
                                       f"in {self.root}")
             time.sleep(1.0)
 
+    def set_site_option(self, key: str, value: str) -> None:
+        """Set top-level `key = value` (TOML) in every site's config, as an operator edits it while the site runs:
+        the sites read their config with every message."""
+        from common.files import write_atomic
+
+        for path in self.sites.values():
+            kept = [line for line in path.read_text().splitlines() if line.split("=")[0].strip() != key]
+            write_atomic(path, "\n".join([f"{key} = {value}", *kept, ""]).encode())
+
     def run_job(self, out: Path, labels: str, args: Sequence[str], timeout: float = 1800) -> dict[str, Any]:
         """`fedsilo server run` with `args` until the job ends; its report.json."""
         log_file = out.with_name(out.name + ".log")

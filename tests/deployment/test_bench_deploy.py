@@ -39,6 +39,11 @@ def test_bench_deploy_quick_measures_a_real_deployment(tmp_path: Path) -> None:
     for secagg in ("plain", "secagg"):
         (run,) = deploy["runs"][secagg]
         assert [r["round"] for r in run["rounds"]] == [1, 2]
+    # the cold job ran on the same sites after they switched their warm worker off: no worker was started for it
+    (deployment,) = out.glob("work/*/deploy")
+    for site in (deployment / "sites").iterdir():
+        assert len(list((site / ".fedsilo-workers").glob("run-*.log"))) == 2, site.name  # the two warm jobs'
+        assert "warm_worker = false" in (site / "site.toml").read_text()
     assert "### Real deployment on loopback" in (out / BENCH_MD).read_text()
     text = docs.read_text()
     assert "fedsilo:bench-deploy:start" in text and "fedsilo:bench-deploy:end" in text
