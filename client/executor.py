@@ -60,23 +60,24 @@ class GateExecutor:
             return False
 
     def launch(self, spec: Any) -> Any:
-        from client.compat import LaunchResult, validate_and_resolve_root_certificates
+        from client.compat import LaunchResult
 
         if not self._in_thread(spec):
             return self.inner.launch(spec)
-        certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
-        threading.Thread(target=_serve, args=(spec, certificates), name=f"gate-task-{spec.task_id}",
-                         daemon=True).start()
+        threading.Thread(target=_serve, args=(spec,), name=f"gate-task-{spec.task_id}", daemon=True).start()
         return LaunchResult.accepted()
 
 
-def _serve(spec: Any, certificates: bytes | None) -> None:
+def _serve(spec: Any) -> None:
     """One message through the gate (`client.gate.run`), in this process, with the task's own token."""
+    from client.compat import validate_and_resolve_root_certificates
     from client.gate import run
 
     try:
+        certificates = validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure)
         run(spec.runtime_api_address, spec.token, spec.insecure, certificates, os.getpid(), in_process=True)
-    except Exception:  # one message's failure must not end the site's executor; Flower expires the task
+    except (Exception, SystemExit):  # one message's failure (Flower's own checks exit) must not end the site's
+        # executor, nor pass unsaid: Flower expires the task
         log.exception("executor: the gate failed on task %d", spec.task_id)
 
 

@@ -80,6 +80,20 @@ def test_a_clientapp_task_of_a_warm_site_runs_the_gate_in_a_thread(monkeypatch: 
     assert gate.reconcile() == "reconciled"  # everything else is Flower's executor's
 
 
+def test_a_message_that_fails_in_its_gate_thread_leaves_the_executor_running(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(client.gate, "run", lambda *_a, **_k: pytest.fail("the gate ran without its certificates"))
+    spec = _spec()
+    spec.insecure, spec.root_certificates_path = False, str(tmp_path / "missing-ca.crt")
+    with caplog.at_level(logging.ERROR):
+        assert GateExecutor(_Inner(), _site(tmp_path)).launch(spec) == LaunchResult.accepted()  # no raise here
+        for thread in threading.enumerate():
+            if thread.name == "gate-task-3":
+                thread.join(10)
+    assert "the gate failed on task 3" in caplog.text
+
+
 @pytest.mark.parametrize("case", ["cold site", "other task", "runtime install", "unreadable config"])
 def test_every_other_task_starts_a_process_as_flower_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                           case: str, caplog: pytest.LogCaptureFixture) -> None:
