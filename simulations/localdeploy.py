@@ -202,7 +202,8 @@ class LocalDeployment:
 
 
 def shared_threads(sites: int) -> int:
-    """Each of `sites` co-located sites' share of this machine's cores (site config `threads`), at least 1."""
+    """Each of `sites` co-located sites' (or test workers') share of this machine's cores (site config `threads`,
+    OMP_NUM_THREADS), at least 1."""
     return max(1, (os.cpu_count() or 1) // max(1, sites))
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from simulations.localdeploy import shared_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Under pytest-xdist each worker gets its share of the cores for torch's (OpenMP's) threads, and so do the processes
@@ -16,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # threads spinning for a core slow every process. An OMP_NUM_THREADS already set stands.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 if _XDIST_WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(shared_threads(_XDIST_WORKERS)))
 
 POSITIVE = ["great", "excellent", "wonderful", "love", "superb", "happy", "delightful", "best"]
 NEGATIVE = ["awful", "terrible", "horrible", "hate", "poor", "sad", "boring", "worst"]
