@@ -56,6 +56,7 @@ class Deployment:
         self.port = free_port()
         self.procs = Processes()
         self.clients: dict[str, subprocess.Popen] = {}
+        self.client_logs: dict[str, Path] = {}
         self.server: subprocess.Popen | None = None
         self.logs: dict[int, Path] = {}
         self.node_ids: dict[str, str] = {}
@@ -68,8 +69,13 @@ class Deployment:
 
     def start_client(self, name: str) -> None:
         site = write_site(self.root, name, self.port, self.certs, heartbeat_seconds=HEARTBEAT_SECONDS)
+        self.client_logs[name] = self.root / f"{name}-{len(self.procs.procs)}.log"
         self.clients[name] = self.procs.start([*FEDSILO, "client", "start", "--site-config", str(site), "--port",
-                                               str(free_port())], self.root / f"{name}-{len(self.procs.procs)}.log")
+                                               str(free_port())], self.client_logs[name])
+
+    def replies_sent(self, name: str) -> int:
+        """How many replies the site's SuperNode has sent in full (metadata and objects: Flower logs it after)."""
+        return self.client_logs[name].read_text(errors="replace").count("Sent successfully")
 
     def register(self, name: str) -> None:
         reg = subprocess.run([*FEDSILO, "server", "register", "--state-dir", str(self.state), "--key",
@@ -143,11 +149,15 @@ def test_department_killed_mid_round_drops_out_and_rejoins(deployment: Deploymen
     site's egress log names the server and the certificate it presented for every message it sent."""
     d, victim = deployment, "radiology"
     before = {name: len(_egress(d, name)) for name in DEPARTMENTS}
+    sent_before = d.replies_sent(victim)
     out = tmp_path / "out"
     job = d.submit("--out", str(out), "--labels", "negative,positive", *FAILURE_JOB)
 
     def victim_answered_round_1() -> bool:
-        return any(r["round"] == 1 for r in _egress(d, victim)[before[victim]:])
+        # its reply is in its egress log and has left in full: a site killed while uploading a reply leaves it
+        # half-stored at the SuperLink, which then answers for it only after its push session expires (180 s)
+        return (any(r["round"] == 1 for r in _egress(d, victim)[before[victim]:])
+                and d.replies_sent(victim) > sent_before)
 
     _wait("the department's first SecAgg+ reply of round 1", victim_answered_round_1)
     d.procs.kill(d.clients[victim])  # in the SecAgg+ exchange of round 1, before its masked update
