@@ -109,17 +109,15 @@ REFUSED_EXIT = 126
 def install_gate(parent: Path | None = None) -> Path:
     """A fresh private directory holding `flwr-clientapp` -> this Python running `client.gate`, `flower-superexec` ->
     `client.executor` (Flower's executor, which runs the gate in a thread where the site has a warm worker), and, for
-    every other
-    app process Flower's executor can start by name (agent apps, connectors, ...; each would load the job's own
-    bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
+    every other app process Flower's executor can start by name (agent apps, connectors, ...; each would load the
+    job's own bundle), a stand-in that refuses: a job cannot reach the site's data by declaring another task type."""
     from client.compat import TASK_TYPE_TO_COMMAND
 
+    site_modules = {FLOWER_CLIENTAPP: "client.gate", FLOWER_SUPEREXEC: "client.executor"}
     bin_dir = Path(tempfile.mkdtemp(prefix="fedsilo-gate-", dir=parent))  # mode 0700
-    for command in set(TASK_TYPE_TO_COMMAND.values()) | {FLOWER_CLIENTAPP, FLOWER_SUPEREXEC}:
-        if command == FLOWER_CLIENTAPP:
-            body = f"exec {shlex.quote(sys.executable)} -m client.gate \"$@\""
-        elif command == FLOWER_SUPEREXEC:
-            body = f"exec {shlex.quote(sys.executable)} -m client.executor \"$@\""
+    for command in set(TASK_TYPE_TO_COMMAND.values()) | set(site_modules):
+        if command in site_modules:
+            body = f"exec {shlex.quote(sys.executable)} -m {site_modules[command]} \"$@\""
         else:
             body = (f"echo 'fedsilo: this site runs only its own ClientApp; refusing {command}' >&2\n"
                     f"exit {REFUSED_EXIT}")
