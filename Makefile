@@ -20,7 +20,7 @@ run: setup
 	$(VENV)/bin/fedsilo simulate
 
 # Two workers, one test module each at a time (module fixtures: deployments, simulations), each with its share of
-# the cores for torch's threads (tests/conftest.py).
+# the cores for torch's threads and its simulations' Ray (tests/conftest.py).
 test: setup
 	$(PY) -m pytest -n 2 --dist loadfile
 

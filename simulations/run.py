@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: ray.init() joins the cluster it names
 RAY_LOCAL = "local"  # ray.init's address for "start a new Ray here", whatever cluster this machine last joined
 RAY_CONNECT_TIMEOUT_S = 5.0
+# The CPUs a local Ray may use (default: every CPU this process may run on), as OMP_NUM_THREADS caps torch's threads:
+# where simulations share a machine, each its part
+SIM_CPUS_ENV = "FEDSILO_SIM_CPUS"
 MIN_QUEUE_POLL_SECONDS = 0.01  # the simulation engine's look for messages (`queue_poll_seconds`)
 QUEUE_POLL_SECONDS_PER_DEPARTMENT = 0.001
 
@@ -101,12 +104,29 @@ def check_ray_cluster(address: str, cpus_per_department: float) -> None:
                               "(`ray start --num-cpus N`).")
 
 
+def local_cpus() -> int:
+    """The CPUs a simulation's own Ray may use on this machine: `$FEDSILO_SIM_CPUS`, else every CPU this process may
+    run on (its affinity: taskset, a container's cpuset). Ray's actor pool holds one actor per CPU (a department's
+    message takes one), each actor a process of its own that loads torch and the model."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    raw = os.environ.get(SIM_CPUS_ENV, "").strip()
+    if not raw:
+        return available
+    try:
+        cpus = int(raw)
+    except ValueError:
+        cpus = 0
+    if cpus < 1:
+        raise ConfigError(f"${SIM_CPUS_ENV} must be a whole number of CPUs, at least 1; got {raw!r}.")
+    return cpus
+
+
 def backend_config(n_sites: int, cpus_per_department: float, ray_address: str | None) -> dict[str, Any]:
     """Flower's Ray backend config: per-department resources, and how Ray is started or joined.
 
-    Locally, a new Ray is started with this machine's CPUs (address "local": without it ray.init() would join the
-    cluster a `ray start` on this machine last wrote to /tmp/ray, and refuse `num_cpus`), and each department takes
-    a GPU share where torch sees CUDA.
+    Locally, a new Ray is started with this machine's CPUs (`local_cpus`; address "local": without it ray.init()
+    would join the cluster a `ray start` on this machine last wrote to /tmp/ray, and refuse `num_cpus`), and each
+    department takes a GPU share where torch sees CUDA.
     Joining a cluster (`ray_address`), nothing about this machine is passed to Ray: Flower's actor pool is sized
     by the cluster's nodes' resources, and departments ask for CPUs only (this machine's CUDA says nothing about
     the nodes').
@@ -114,7 +134,7 @@ def backend_config(n_sites: int, cpus_per_department: float, ray_address: str | 
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error"}
     if ray_address is None:
         gpus = 1.0 / n_sites if torch.cuda.is_available() else 0.0
-        init_args.update(address=RAY_LOCAL, num_cpus=os.cpu_count() or 1)
+        init_args.update(address=RAY_LOCAL, num_cpus=local_cpus())
     else:
         gpus = 0.0
         init_args["address"] = check_ray_address(ray_address)

@@ -10,15 +10,19 @@ import pandas as pd
 import pytest
 
 from simulations.localdeploy import shared_threads
+from simulations.run import SIM_CPUS_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Under pytest-xdist each worker gets its share of the cores for torch's (OpenMP's) threads, and so do the processes
 # its tests start (servers, sites): workers with a thread per core each would oversubscribe the machine, and
-# threads spinning for a core slow every process. An OMP_NUM_THREADS already set stands.
+# threads spinning for a core slow every process. Its simulations' Ray gets the same share of CPUs (one actor
+# process per CPU, each loading torch and the model: on 2 cores and 2 workers, one actor per simulation instead of
+# two). An OMP_NUM_THREADS or FEDSILO_SIM_CPUS already set stands.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 if _XDIST_WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(shared_threads(_XDIST_WORKERS)))
+    os.environ.setdefault(SIM_CPUS_ENV, str(shared_threads(_XDIST_WORKERS)))
 
 POSITIVE = ["great", "excellent", "wonderful", "love", "superb", "happy", "delightful", "best"]
 NEGATIVE = ["awful", "terrible", "horrible", "hate", "poor", "sad", "boring", "worst"]

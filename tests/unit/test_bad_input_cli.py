@@ -311,3 +311,16 @@ def test_every_issue_class_has_a_case() -> None:
               "too few examples", "long text", "malformed", "unknown config key", "epsilon zero", "delta not below 1/n",
               "unknown model path", "expired", "from another CA", "port in use"]
     assert [w for w in wanted if not any(w in case for case in CASES)] == []
+
+
+def test_a_bad_sim_cpus_variable_exits_2_and_changes_nothing(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The one input that comes from the environment: $FEDSILO_SIM_CPUS (the CPUs a simulation's Ray may use)."""
+    monkeypatch.setenv("FEDSILO_SIM_CPUS", "0")
+    before = _tree(world.root)
+    with mock.patch("flwr.simulation.run_simulation", _tripwire):
+        status = main(_simulate(world))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_ERROR and err == ["fedsilo: error: $FEDSILO_SIM_CPUS must be a whole number of CPUs, at "
+                                            "least 1; got '0'."], err
+    assert _tree(world.root) == before and not (world / "new-run").exists()
