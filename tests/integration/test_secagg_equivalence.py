@@ -1,18 +1,19 @@
 """SecAgg+ changes nothing but who sees what, and the server really sees nothing of one department.
 
-Two one-round simulations with DP off and a fixed seed produce the same department updates; one aggregates them
-with SecAgg+, the other in the clear. Everything the server receives is recorded (its Grid is wrapped). Then:
+Two one-round simulations of 5 small departments, with DP off and a fixed seed, produce the same department
+updates; one aggregates them with SecAgg+ (each department's neighbourhood: all 5), the other in the clear.
+Everything the server receives is recorded (its Grid is wrapped). Then:
 - the global models agree within SecAgg+'s quantisation error, and the SecAgg+ aggregate equals FedAvg of the
   departments' true (pre-quantisation) updates, as the server of the clear run received them;
 - what the SecAgg+ server received from each department (its masked vector) is uncorrelated with that
   department's true update (|Pearson r| < 0.05 per department), whereas its unmasked quantised update would be
   perfectly correlated (the check has power);
 - everything leaving the departments (intercepted by an outermost client mod) passes the egress check.
-A second pair of runs, 5 small departments with neighbourhoods of 3 (`secagg-num-shares` 3), checks the aggregate
-when each department's keys are shared with only some of the others, and each department unmasked from exactly
-the threshold number of its shares; two more SecAgg+ runs there, in each of which one department dies (before its
-masked update leaves; in the unmask stage), check that the aggregate is FedAvg of the departments whose masked
-updates arrived.
+A third run of the same departments, SecAgg+ with neighbourhoods of 3 (`secagg-num-shares` 3), checks the
+aggregate when each department's keys are shared with only some of the others, and each department unmasked from
+exactly the threshold number of its shares; two more SecAgg+ runs there, in each of which one department dies
+(before its masked update leaves; in the unmask stage), check that the aggregate is FedAvg of the departments whose
+masked updates arrived.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ pytestmark = pytest.mark.slow
 
 log = logging.getLogger(__name__)
 
-SIZES = {"cardiology": 60, "oncology": 48, "radiology": 40}
-# Five departments, each sharing its keys with 2 of the others (threshold 2 of 3 shares): as small as it can be.
-NEIGHBOURHOOD_SIZES = {"cardiology": 20, "oncology": 18, "radiology": 16, "neurology": 14, "urology": 12}
+# Five departments: by default each shares its keys with the 4 others; with neighbourhoods of 3, with 2 of them
+# (threshold 2 of 3 shares): as small as a neighbourhood smaller than the federation can be.
+SIZES = {"cardiology": 20, "oncology": 18, "radiology": 16, "neurology": 14, "urology": 12}
 NEIGHBOURHOOD = 3
 # LoRA rank 64 on the tiny model: ~16k exchanged values, so |r| of independent vectors is ~0.008 (sd).
 JOB = {**TINY_JOB, "lora-r": 64, "lora-alpha": 128}
@@ -130,21 +131,25 @@ def _run(base: Path, data: Path, secagg: bool, mods: Sequence[Mod] = (), **extra
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    base = tmp_path_factory.mktemp("secagg")
-    data = base / "departments.csv"
+def federation_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("federation") / "departments.csv"
     make_department_frame(SIZES).to_csv(data, index=False)
-    return {"secagg": _run(base, data, secagg=True), "plain": _run(base, data, secagg=False)}
+    return data
 
 
 @pytest.fixture(scope="module")
-def neighbourhood_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """5 departments, neighbourhoods of 3: SecAgg+ and in the clear."""
+def runs(tmp_path_factory: pytest.TempPathFactory, federation_data: Path) -> dict[str, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("secagg")
+    return {"secagg": _run(base, federation_data, secagg=True), "plain": _run(base, federation_data, secagg=False)}
+
+
+@pytest.fixture(scope="module")
+def neighbourhood_runs(tmp_path_factory: pytest.TempPathFactory, federation_data: Path,
+                       runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Neighbourhoods of 3: SecAgg+; and the same departments' run in the clear."""
     base = tmp_path_factory.mktemp("neighbourhood")
-    data = base / "departments.csv"
-    make_department_frame(NEIGHBOURHOOD_SIZES).to_csv(data, index=False)
-    return {"secagg": _run(base, data, secagg=True, **{"secagg-num-shares": NEIGHBOURHOOD}),
-            "plain": _run(base, data, secagg=False)}
+    return {"secagg": _run(base, federation_data, secagg=True, **{"secagg-num-shares": NEIGHBOURHOOD}),
+            "plain": runs["plain"]}
 
 
 def _true_updates(plain: dict[str, Any]) -> dict[str, tuple[list[np.ndarray], int]]:
@@ -206,12 +211,12 @@ def test_secagg_aggregate_equals_fedavg_at_a_neighbourhood_smaller_than_the_fede
     assert secagg["report"]["config"]["secagg-num-shares"] == NEIGHBOURHOOD
     # Each department shared its keys with 2 others only, not with all 4 ...
     assert [r["share_destinations"] for r in secagg["replies"]
-            if r["share_destinations"] is not None] == [NEIGHBOURHOOD - 1] * len(NEIGHBOURHOOD_SIZES)
+            if r["share_destinations"] is not None] == [NEIGHBOURHOOD - 1] * len(SIZES)
     # ... each department's secret was combined from exactly the threshold (2 of its 3 shares) ...
     assert len(secagg["unmasked_from"]) == 1
-    assert sorted(secagg["unmasked_from"][0].values()) == [2] * len(NEIGHBOURHOOD_SIZES)
+    assert sorted(secagg["unmasked_from"][0].values()) == [2] * len(SIZES)
     # ... and the aggregate is still FedAvg of the true updates.
-    _check_aggregate(neighbourhood_runs, NEIGHBOURHOOD_SIZES)
+    _check_aggregate(neighbourhood_runs, SIZES)
 
 
 def test_server_view_is_independent_of_each_update(runs: dict[str, dict[str, Any]]) -> None:
@@ -252,7 +257,7 @@ class DepartmentCrashed(RuntimeError):
 
 def dying_mod(who: str, stage: str, after_call_next: bool) -> Mod:
     """`who` dies in SecAgg+ stage `stage` (after training and charging its ledger, when `after_call_next`)."""
-    names = sorted(NEIGHBOURHOOD_SIZES)  # simulated partition i is the i-th department in sorted order
+    names = sorted(SIZES)  # simulated partition i is the i-th department in sorted order
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         records = msg.content.config_records if msg.metadata.message_type == MessageType.TRAIN else {}
@@ -274,15 +279,12 @@ DEATHS = {"masked": ("oncology", "collect_masked_vectors", True), "unmask": ("ra
 
 
 @pytest.fixture(scope="module")
-def dropout_runs(tmp_path_factory: pytest.TempPathFactory,
-                 neighbourhood_runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def dropout_runs(tmp_path_factory: pytest.TempPathFactory, federation_data: Path) -> dict[str, dict[str, Any]]:
     base = tmp_path_factory.mktemp("neighbourhood-dropouts")
-    data = base / "departments.csv"
-    make_department_frame(NEIGHBOURHOOD_SIZES).to_csv(data, index=False)
     runs = {}
     for case, death in DEATHS.items():
         (base / case).mkdir()
-        runs[case] = _run(base / case, data, secagg=True, mods=[dying_mod(*death)],
+        runs[case] = _run(base / case, federation_data, secagg=True, mods=[dying_mod(*death)],
                           **{"secagg-num-shares": NEIGHBOURHOOD})
     return runs
 
@@ -296,8 +298,8 @@ def test_a_death_at_a_neighbourhood_smaller_than_the_federation_leaves_fedavg_of
     assert record["aggregate"] == "applied" and record["attempts"] == 1, record
     assert [(d["department"], d["stage"]) for d in record["dropouts"]] == [(who, stage)]
     assert [r["share_destinations"] for r in run["replies"]
-            if r["share_destinations"] is not None] == [NEIGHBOURHOOD - 1] * len(NEIGHBOURHOOD_SIZES)
+            if r["share_destinations"] is not None] == [NEIGHBOURHOOD - 1] * len(SIZES)
     # Dead before its masked update left: not in the sum; dead after: in it.
-    included = {n: s for n, s in NEIGHBOURHOOD_SIZES.items() if not (after and n == who)}
+    included = {n: s for n, s in SIZES.items() if not (after and n == who)}
     assert sorted(_masked_vectors(run)) == sorted(included)
     _check_aggregate({"secagg": run, "plain": neighbourhood_runs["plain"]}, included, same_as_plain=False)
