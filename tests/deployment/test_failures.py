@@ -85,10 +85,15 @@ class Deployment:
         assert found, reg.stdout
         self.node_ids[name] = found.group(1)
 
-    def node_status(self, name: str) -> str:
+    def node_statuses(self) -> dict[str, str]:
+        """Every department's node status, from one listing."""
         listing = subprocess.run([*FEDSILO, "server", "nodes", "--state-dir", str(self.state), "--json"],
                                  capture_output=True, text=True, timeout=120, check=True)
-        return next(n["status"] for n in json.loads(listing.stdout)["nodes"] if n["node-id"] == self.node_ids[name])
+        status = {n["node-id"]: n["status"] for n in json.loads(listing.stdout)["nodes"]}
+        return {name: status[node_id] for name, node_id in self.node_ids.items()}
+
+    def node_status(self, name: str) -> str:
+        return self.node_statuses()[name]
 
     def ledger_path(self, name: str) -> Path:
         return self.root / "sites" / name / "ledger.json"
@@ -199,7 +204,7 @@ def test_department_killed_mid_round_drops_out_and_rejoins(deployment: Deploymen
         assert len(sent) == 2 * 5  # per round: four SecAgg+ stages and one evaluation
         assert {r["server_cert_sha256"] for r in sent} == {server_fingerprint}
         assert d.ledger(name).read().epsilon == pytest.approx(report["final"]["epsilon"][name])
-    assert all(d.node_status(name) == "online" for name in DEPARTMENTS)
+    assert d.node_statuses() == dict.fromkeys(DEPARTMENTS, "online")
 
 
 def test_server_killed_after_a_round_resumes_with_consistent_ledgers(deployment: Deployment,
