@@ -22,7 +22,7 @@ run: setup
 # Two workers, one test module each at a time (module fixtures: deployments, simulations), each with its share of
 # the cores for torch's threads and its simulations' Ray (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The developer's quick loop: everything not marked slow (no Ray simulation, no real deployment): about a minute
 # on 2 busy cores, 2 minutes at most.

@@ -78,3 +78,14 @@ def rdp_curves(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     monkeypatch.setattr(privacy, "compute_rdp", counting)
     privacy._rdp_step.cache_clear()
     return calls
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests (deployments, simulations) first, in their usual order, then the rest.
+
+    Under `make test` (`--dist loadfile --no-loadscope-reorder`) the two workers start on the long modules and the
+    many quick ones fill the end. xdist's default order (most tests first) would leave the modules of one or two
+    tests that take a minute or more for last, each on one worker while the other has nothing left to do.
+    """
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the order within each group stays
