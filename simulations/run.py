@@ -257,6 +257,9 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
     adopt_flower_logger()  # Flower's import added its own console handler: its records are printed once, by ours
 
     log_file = add_log_file(out_dir / LOG_FILE)  # the whole log, Flower's lines included, without colour codes
+    # Flower's Ray backend sets this process's PYTHONPATH to its sys.path (for Ray's workers) and leaves it: the
+    # programs this process starts afterwards (another Python's tools) would import this environment's packages
+    pythonpath = os.environ.get("PYTHONPATH")
     try:
         log.info("simulate: %d departments, %d rounds, out %s, on %s", n_sites, job.num_server_rounds, out_dir,
                  f"the Ray cluster at {ray_address}" if ray_address else "a Ray started on this machine")
@@ -265,6 +268,10 @@ def simulate(rc: dict[str, bool | int | float | str], out_dir: Path,
                        backend_config=backend)
     finally:
         remove_log_file(log_file)
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     report_path = out_dir / REPORT_JSON
     if not report_path.exists():
         raise SimulationFailedError(f"The simulation wrote no report to {report_path}; see the log above.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ BUDGET = 8.0
 SMALL_BUDGET = 0.05  # far below what even one round needs: radiology must decline
 
 
+PYTHONPATH_AFTER: list[str | None] = []
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     base = tmp_path_factory.mktemp("sim")
@@ -28,7 +32,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
     out = base / "out"
     rc = {**TINY_JOB, "num-server-rounds": 2, "sim-data": str(data), "sim-epsilon": BUDGET,
           "sim-site-epsilons": f"radiology={SMALL_BUDGET}"}
-    report = simulate(rc, out)
+    # Flower's Ray backend sets the process's PYTHONPATH; the simulation gives it back as it found it
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(base / "not-a-package-dir")
+    try:
+        report = simulate(rc, out)
+        PYTHONPATH_AFTER.append(os.environ.get("PYTHONPATH"))
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
     return out, report
 
 
@@ -129,3 +143,10 @@ def test_audit_runs_on_the_simulation_output(run: tuple[Path, dict[str, Any]], c
     assert 0 <= pooled["auc_ci"][0] <= pooled["auc"] <= pooled["auc_ci"][1] <= 1
     assert set(audit["accountant_check"]) == {"cardiology", "oncology"}  # radiology declined: no charge, no ledger file
     assert all(c["agrees"] for checks in audit["accountant_check"].values() for c in checks)
+
+
+def test_the_simulation_leaves_the_processs_pythonpath_as_it_found_it(run: tuple[Path, dict[str, Any]]) -> None:
+    """Programs started after a simulation (Debian's docker-compose, another Python's tools) must not import this
+    environment's packages: Flower's Ray backend put its sys.path into PYTHONPATH for Ray's workers."""
+    out, _ = run
+    assert PYTHONPATH_AFTER == [str(out.parent / "not-a-package-dir")]
