@@ -176,9 +176,11 @@ def test_the_executor_process_sets_the_wrapper_or_keeps_flowers(monkeypatch: pyt
 def test_object_pulls_first_wait_briefly_then_as_flower_does(monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     functions = [resolve(f"{common.compat.OBJECT_PULLS}:{name}") for name in common.compat.OBJECT_PULL_USES]
-    for function in functions:
-        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))  # restored after the test
-    assert [f.__kwdefaults__["initial_backoff"] for f in functions] == [1, 1]  # Flower 1.41 and 1.42
+    flowers = resolve(f"{common.compat.OBJECT_PULLS}:PULL_INITIAL_BACKOFF")
+    assert flowers == 1  # Flower 1.41 and 1.42
+    for function in functions:  # Flower's own wait (a ServerApp run earlier in this process set fedsilo's), and
+        # the functions' defaults restored after the test
+        monkeypatch.setattr(function, "__kwdefaults__", {**function.__kwdefaults__, "initial_backoff": flowers})
     common.compat.set_object_pull_wait(0.02)
     assert [f.__kwdefaults__["initial_backoff"] for f in functions] == [0.02, 0.02]
     assert [f.__kwdefaults__["backoff_cap"] for f in functions] == [10, 10]  # the rest is Flower's
