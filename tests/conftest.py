@@ -80,12 +80,25 @@ def rdp_curves(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return calls
 
 
+# The modules that take a minute or more (fresh-clone CI runs, 2 workers): started first, longest first, so that
+# the two workers end together. Only the order: every module runs either way.
+LONGEST_FIRST = ("deployment/test_failures.py", "deployment/test_bench_deploy.py", "integration/test_soak.py",
+                 "integration/test_study.py", "integration/test_bench.py", "integration/test_secagg_equivalence.py",
+                 "deployment/test_netns.py", "deployment/test_job_lifecycle.py", "deployment/test_trust.py",
+                 "integration/test_resume.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests (deployments, simulations) first, in their usual order, then the rest.
+    """The longest modules first (`LONGEST_FIRST`), then the other modules with slow tests (deployments,
+    simulations), then the rest; each group in its usual order.
 
     Under `make test` (`--dist loadfile --no-loadscope-reorder`) the two workers start on the long modules and the
     many quick ones fill the end. xdist's default order (most tests first) would leave the modules of one or two
     tests that take a minute or more for last, each on one worker while the other has nothing left to do.
     """
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the order within each group stays
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0].removeprefix("tests/")
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(module(item), len(rank)), module(item) not in slow))  # stable
