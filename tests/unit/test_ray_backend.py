@@ -57,4 +57,3 @@ def test_a_bad_fedsilo_sim_cpus_is_refused_with_its_name(monkeypatch: pytest.Mon
     monkeypatch.setenv(SIM_CPUS_ENV, bad)
     with pytest.raises(ConfigError, match=r"\$FEDSILO_SIM_CPUS must be a whole number of CPUs, at least 1"):
         backend_config(4, 1.0, None)
-
