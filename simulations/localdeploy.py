@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import psutil
 
 from common.errors import FedsiloError
+from simulations.machine import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,9 @@ class LocalDeployment:
 
 
 def shared_threads(sites: int) -> int:
-    """Each of `sites` co-located sites' (or test workers') share of this machine's cores (site config `threads`,
-    OMP_NUM_THREADS), at least 1."""
-    return max(1, (os.cpu_count() or 1) // max(1, sites))
+    """Each of `sites` co-located sites' (or test workers') share of the cores this process may use (site config
+    `threads`, OMP_NUM_THREADS), at least 1."""
+    return max(1, usable_cpus() // max(1, sites))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,11 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), not the whole host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def describe() -> dict[str, Any]:
     """The machine and its load right now (benchmarks here share their cores: the load says how much)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -39,6 +39,7 @@ from server.records import AggregateStatus, dump_report, read_report
 from server.report import REPORT_JSON, RunRecorder
 from server.resume import resume_job
 from server.strategy import CentralEval
+from simulations.machine import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,9 @@ def local_cpus() -> int:
     """The CPUs a simulation's own Ray may use on this machine: `$FEDSILO_SIM_CPUS`, else every CPU this process may
     run on (its affinity: taskset, a container's cpuset). Ray's actor pool holds one actor per CPU (a department's
     message takes one), each actor a process of its own that loads torch and the model."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     raw = os.environ.get(SIM_CPUS_ENV, "").strip()
     if not raw:
-        return available
+        return usable_cpus()
     try:
         cpus = int(raw)
     except ValueError:
