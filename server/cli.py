@@ -40,7 +40,7 @@ def _cmd_server_nodes(args: argparse.Namespace) -> int:
 
 def _cmd_server_run(args: argparse.Namespace) -> int:
     from server.checkpoint import CHECKPOINT
-    from server.deploy import JobSignals, follow_job, submit_job
+    from server.deploy import JobSignals, follow_job, stop_unfinished_jobs, submit_job
     from server.records import read_report
     from server.report import REPORT_JSON
     from server.resume import resume_job
@@ -56,6 +56,10 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     rc["out-dir"] = str(out)
     if args.resume is not None:
         rc = resume_job(out, rc)
+        for stale in stop_unfinished_jobs(args.state_dir, out):
+            print(f"fedsilo: stopped job {stale}, which wrote {out} and was still listed as running on the server "
+                  "(its ServerApp died with the server, or still ran): only the resumed job writes there.",
+                  file=sys.stderr, flush=True)
     state = shlex.quote(str(args.state_dir))
     with JobSignals() as signals:
         run_id = submit_job(args.state_dir, rc, args.app)

@@ -466,6 +466,18 @@ def list_jobs(state_dir: Path) -> list[JobStatus]:
     return job_statuses(flwr_json(proc, "Listing jobs"), read_job_entries(state))
 
 
+def stop_unfinished_jobs(state_dir: Path, out_dir: Path) -> list[int]:
+    """Stop the jobs fedsilo submitted with output `out_dir` that the SuperLink still lists as unfinished; their run
+    ids. Before `--resume` continues a run there: only the resumed job may write to it. After a server crash the
+    dead job is listed as running until Flower gives up on its ServerApp (a minute: its heartbeats), and a site
+    still fetching that job's last message waits as long; stopped, the site gets no more of it at once."""
+    stale = [job.run_id for job in list_jobs(state_dir)
+             if job.out_dir == str(out_dir) and not job.status.startswith("finished")]
+    for run_id in stale:
+        stop_job(state_dir, run_id)
+    return stale
+
+
 def stop_job(state_dir: Path, run_id: int) -> None:
     """Stop a job on the server (Flower's `flwr stop`): the SuperLink marks it finished:stopped and its ServerApp
     ends; departments get no more of its messages."""

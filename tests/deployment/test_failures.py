@@ -7,7 +7,8 @@ started with `fedsilo client start`):
   the department takes part in the next round;
 - the server's host dies (SIGKILL of the SuperLink family and of the operator's `fedsilo server run`) after a round:
   the SuperLink restarts on its state directory, the departments reconnect by themselves, and
-  `fedsilo server run --resume RUN_DIR` finishes the job with the same rounds and consistent ledgers.
+  `fedsilo server run --resume RUN_DIR` stops the dead job (the restarted SuperLink still lists it as running) and
+  finishes the job with the same rounds and consistent ledgers.
 """
 
 from __future__ import annotations
@@ -225,9 +226,14 @@ def test_server_killed_after_a_round_resumes_with_consistent_ledgers(deployment:
     d.procs.kill(d.server)  # SuperLink, its executor and the ServerApp die together
     d.procs.kill(job)
     assert load_checkpoint(out).round == 1
+    submitted = re.search(r"fedsilo: job (\d+) submitted", d.logs[job.pid].read_text())
+    assert submitted, d.logs[job.pid].read_text()[-2000:]
+    killed_run = submitted.group(1)
     d.start_server()  # same state directory: the registered departments reconnect by themselves
     resumed = d.submit("--resume", str(out))
     d.finished(resumed)
+    # the dead job, still listed as running by the restarted SuperLink, is stopped before the resumed one starts
+    assert f"stopped job {killed_run}, which wrote {out.resolve()}" in d.logs[resumed.pid].read_text()
 
     report = _report(out)
     assert [r["round"] for r in report["rounds"]] == [1, 2]

@@ -174,6 +174,25 @@ def test_server_jobs_stop_and_logs_call_flower_on_fedsilos_connection(tmp_path: 
     assert main(["server", "logs", "--state-dir", str(state.root), "9"]) == EXIT_ERROR
 
 
+def test_a_resume_first_stops_the_jobs_still_listed_as_writing_its_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a server crash the dead job is listed as running for a minute: `--resume` stops it (and any other
+    unfinished job fedsilo submitted into the same directory), and no other job."""
+    state = _state(tmp_path)
+    out, other = tmp_path / "run", tmp_path / "other"
+    for run_id, where in ((1, out), (2, out), (3, other), (4, out), (5, out)):
+        record_job(state, JobEntry(run_id, str(where), 2))
+    fake = FakeFlwr({"ls": _proc(_ls_answer((1, "running"), (2, "finished:failed"), (3, "running"), (4, "pending"),
+                                            (5, "finished:stopped"), (9, "running"))),
+                     "stop": _proc(json.dumps({"success": True}))})
+    monkeypatch.setattr(deploy, "_flwr", fake)
+    assert deploy.stop_unfinished_jobs(state.root, out) == [4, 1]
+    assert [c[:2] for c in fake.calls] == [("ls", CONNECTION), ("stop", "4"), ("stop", "1")]
+    fake.calls.clear()
+    assert deploy.stop_unfinished_jobs(state.root, tmp_path / "nothing-there") == []
+    assert fake.calls == [("ls", CONNECTION, "--format", "json")]
+
+
 def test_server_run_detach_submits_records_the_job_and_says_how_to_follow_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     state = _state(tmp_path)
